@@ -1,0 +1,100 @@
+"""The FastAPI application: ``create_app(settings)`` builds it with its services."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from orchestrator import metrics
+from orchestrator import queue as jobqueue
+from orchestrator.api import health, studies
+from orchestrator.api.deps import Services
+from orchestrator.db import connect_pool, upgrade
+from orchestrator.errors import DependencyUnavailable, MedtriageError
+from orchestrator.settings import ApiSettings
+from orchestrator.storage import open_store
+
+log = logging.getLogger(__name__)
+
+# Routes anyone may call: liveness, readiness, metrics and the API description.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json",
+                          "/docs/oauth2-redirect", "/redoc"})
+
+
+def _services(settings: ApiSettings) -> Services:
+    try:
+        upgrade(settings.database_url)
+    except Exception as exc:  # noqa: BLE001 - start anyway; /readyz reports the database
+        log.warning("database migration skipped at start-up: %s", type(exc).__name__)
+    return Services(
+        settings=settings,
+        pool=connect_pool(settings.database_url, min_size=settings.db_pool_min,
+                          max_size=settings.db_pool_max),
+        redis=jobqueue.connect(settings.redis_url),
+        store=open_store(settings.storage_url, endpoint_url=settings.s3_endpoint_url,
+                         region=settings.s3_region),
+    )
+
+
+def create_app(settings: ApiSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.services = _services(settings)
+        try:
+            yield
+        finally:
+            app.state.services.pool.close()
+            app.state.services.redis.close()
+
+    app = FastAPI(title="medtriage", version="0.1.0", lifespan=lifespan)
+    app.include_router(health.router)
+    app.include_router(studies.router)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.middleware("http")
+    async def request_context(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        metrics.HTTP_REQUESTS.labels(template, str(response.status_code)).inc()
+        metrics.HTTP_LATENCY.labels(template).observe(time.perf_counter() - started)
+        response.headers["x-request-id"] = request.state.request_id
+        return response
+
+    @app.exception_handler(MedtriageError)
+    async def medtriage_error(request: Request, exc: MedtriageError) -> JSONResponse:
+        headers = {"Retry-After": "5"} if isinstance(exc, DependencyUnavailable) else None
+        if exc.http_status >= 500:
+            log.warning("%s %s -> %s", request.method, request.url.path, type(exc).__name__)
+        return JSONResponse(
+            status_code=exc.http_status,
+            content={"error": type(exc).__name__, "detail": exc.message},
+            headers=headers,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes the offending input back; that input may carry PHI.
+        problems = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", "")}
+            for e in exc.errors()
+        ]
+        return JSONResponse(status_code=422, content={"error": "ValidationError",
+                                                      "detail": problems})
+
+    return app

@@ -1,0 +1,8 @@
+"""PostgreSQL access: a connection pool, numbered migrations, and the SQL per noun."""
+
+from __future__ import annotations
+
+from orchestrator.db.pool import connect_pool, translate_errors
+from orchestrator.db.migrate import upgrade
+
+__all__ = ["connect_pool", "translate_errors", "upgrade"]

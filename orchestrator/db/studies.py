@@ -1,0 +1,269 @@
+"""SQL for studies, series, instances, jobs and results. Rows come back as dicts.
+
+State changes are conditional updates (``... WHERE status = ANY(expected)``) so two
+processes racing on one study cannot both move it.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+from uuid import UUID
+
+from psycopg import Connection
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+
+class StudyStatus(str, Enum):
+    RECEIVED = "received"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+    NEEDS_REVIEW = "needs_review"
+
+
+TERMINAL = (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.NEEDS_REVIEW)
+
+_STUDY_COLUMNS = (
+    "id, tenant_id, study_uid, status, priority, created_at, updated_at, queued_at,"
+    " started_at, finished_at, error, timings"
+)
+
+
+def upsert_study(
+    conn: Connection, *, tenant_id: UUID, study_uid: str, priority: str, created_by: UUID | None
+) -> UUID:
+    row = conn.execute(
+        "INSERT INTO studies (tenant_id, study_uid, status, priority, created_by)"
+        " VALUES (%s, %s, 'received', %s, %s)"
+        " ON CONFLICT (tenant_id, study_uid) DO UPDATE SET updated_at = now()"
+        " RETURNING id",
+        (tenant_id, study_uid, priority, created_by),
+    ).fetchone()
+    assert row is not None
+    return UUID(str(row[0]))
+
+
+def upsert_series(conn: Connection, *, study_id: UUID, series_uid: str, modality: str) -> UUID:
+    row = conn.execute(
+        "INSERT INTO series (study_id, series_uid, modality) VALUES (%s, %s, %s)"
+        " ON CONFLICT (study_id, series_uid) DO UPDATE SET modality = EXCLUDED.modality"
+        " RETURNING id",
+        (study_id, series_uid, modality),
+    ).fetchone()
+    assert row is not None
+    return UUID(str(row[0]))
+
+
+def instance_exists(conn: Connection, *, study_id: UUID, sop_uid: str) -> UUID | None:
+    row = conn.execute(
+        "SELECT id FROM instances WHERE study_id = %s AND sop_uid = %s", (study_id, sop_uid)
+    ).fetchone()
+    return UUID(str(row[0])) if row else None
+
+
+def insert_instance(conn: Connection, **fields: Any) -> bool:
+    """Insert an instance row; False when the SOP instance is already stored (duplicate)."""
+    cur = conn.execute(
+        "INSERT INTO instances (id, study_id, series_id, sop_uid, sop_class_uid,"
+        " transfer_syntax_uid, rows, columns, frames, object_key, size_bytes, sha256)"
+        " VALUES (%(id)s, %(study_id)s, %(series_id)s, %(sop_uid)s, %(sop_class_uid)s,"
+        " %(transfer_syntax_uid)s, %(rows)s, %(columns)s, %(frames)s, %(object_key)s,"
+        " %(size_bytes)s, %(sha256)s)"
+        " ON CONFLICT (study_id, sop_uid) DO NOTHING",
+        fields,
+    )
+    return cur.rowcount == 1
+
+
+def set_status(
+    conn: Connection,
+    study_id: UUID,
+    new: StudyStatus,
+    *,
+    expected: tuple[StudyStatus, ...],
+    error: str | None = None,
+) -> bool:
+    """Move a study to ``new`` only from one of ``expected``; True when it moved."""
+    stamp = {
+        StudyStatus.QUEUED: ", queued_at = now()",
+        StudyStatus.PROCESSING: ", started_at = now()",
+        StudyStatus.DONE: ", finished_at = now()",
+        StudyStatus.FAILED: ", finished_at = now()",
+        StudyStatus.NEEDS_REVIEW: ", finished_at = now()",
+    }.get(new, "")
+    cur = conn.execute(
+        f"UPDATE studies SET status = %s, error = %s, updated_at = now(){stamp}"
+        " WHERE id = %s AND status = ANY(%s)",
+        (new.value, error, study_id, [s.value for s in expected]),
+    )
+    return cur.rowcount == 1
+
+
+def merge_timings(conn: Connection, study_id: UUID, timings: dict[str, float]) -> None:
+    conn.execute(
+        "UPDATE studies SET timings = timings || %s WHERE id = %s",
+        (Jsonb({k: round(v, 2) for k, v in timings.items()}), study_id),
+    )
+
+
+def get_study(conn: Connection, study_id: UUID, *, tenant_id: UUID | None) -> dict[str, Any] | None:
+    """One study; scoped to ``tenant_id`` unless None (workers act for every tenant)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        if tenant_id is None:
+            return cur.execute(
+                f"SELECT {_STUDY_COLUMNS} FROM studies WHERE id = %s", (study_id,)
+            ).fetchone()
+        return cur.execute(
+            f"SELECT {_STUDY_COLUMNS} FROM studies WHERE id = %s AND tenant_id = %s",
+            (study_id, tenant_id),
+        ).fetchone()
+
+
+def list_studies(
+    conn: Connection, *, tenant_id: UUID, limit: int, offset: int, status: str | None
+) -> tuple[list[dict[str, Any]], int]:
+    where = "tenant_id = %s" + (" AND status = %s" if status else "")
+    params: list[Any] = [tenant_id] + ([status] if status else [])
+    with conn.cursor(row_factory=dict_row) as cur:
+        total_row = cur.execute(f"SELECT count(*) AS n FROM studies WHERE {where}", params).fetchone()
+        rows = cur.execute(
+            f"SELECT {_STUDY_COLUMNS},"
+            " (SELECT count(*) FROM instances i WHERE i.study_id = studies.id) AS instance_count"
+            f" FROM studies WHERE {where} ORDER BY created_at DESC, id LIMIT %s OFFSET %s",
+            [*params, limit, offset],
+        ).fetchall()
+    return rows, int(total_row["n"]) if total_row else 0
+
+
+def instances(conn: Connection, study_id: UUID) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT i.id, i.series_id, s.series_uid, s.modality, i.sop_uid, i.sop_class_uid,"
+            " i.transfer_syntax_uid, i.rows, i.columns, i.frames, i.object_key, i.size_bytes,"
+            " i.sha256, i.preview_key, i.status, i.error, i.warnings, i.created_at"
+            " FROM instances i JOIN series s ON s.id = i.series_id"
+            " WHERE i.study_id = %s ORDER BY i.created_at, i.sop_uid",
+            (study_id,),
+        ).fetchall()
+
+
+def finish_instance(
+    conn: Connection,
+    instance_id: UUID,
+    *,
+    status: str,
+    preview_key: str | None = None,
+    warnings: list[str] | None = None,
+    error: str | None = None,
+) -> None:
+    conn.execute(
+        "UPDATE instances SET status = %s, preview_key = coalesce(%s, preview_key),"
+        " warnings = %s, error = %s WHERE id = %s",
+        (status, preview_key, warnings or [], error, instance_id),
+    )
+
+
+def insert_result(conn: Connection, **fields: Any) -> bool:
+    """Record one model output; idempotent per (instance, model, version)."""
+    fields = {**fields, "outputs": Jsonb(fields["outputs"]), "findings": Jsonb(fields["findings"])}
+    cur = conn.execute(
+        "INSERT INTO results (study_id, instance_id, model, version, arm, label, confidence,"
+        " outputs, findings, latency_ms)"
+        " VALUES (%(study_id)s, %(instance_id)s, %(model)s, %(version)s, %(arm)s, %(label)s,"
+        " %(confidence)s, %(outputs)s, %(findings)s, %(latency_ms)s)"
+        " ON CONFLICT (instance_id, model, version) DO NOTHING",
+        fields,
+    )
+    return cur.rowcount == 1
+
+
+def results(conn: Connection, study_id: UUID, *, include_shadow: bool = False) -> list[dict[str, Any]]:
+    arm_filter = "" if include_shadow else " AND arm = 'live'"
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT instance_id, model, version, arm, label, confidence, outputs, findings,"
+            f" latency_ms, created_at FROM results WHERE study_id = %s{arm_filter}"
+            " ORDER BY created_at, model",
+            (study_id,),
+        ).fetchall()
+
+
+def open_review_case(
+    conn: Connection, *, tenant_id: UUID, study_id: UUID, reasons: list[str], urgency: int
+) -> None:
+    conn.execute(
+        "INSERT INTO review_cases (tenant_id, study_id, reasons, urgency) VALUES (%s, %s, %s, %s)"
+        " ON CONFLICT (study_id) DO NOTHING",
+        (tenant_id, study_id, reasons, urgency),
+    )
+
+
+def review_case(conn: Connection, study_id: UUID) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT id, reasons, urgency, status, verdict, correct_label, created_at"
+            " FROM review_cases WHERE study_id = %s",
+            (study_id,),
+        ).fetchone()
+
+
+# --- jobs ---------------------------------------------------------------------------
+
+
+def upsert_job(conn: Connection, *, job_id: str, study_id: UUID, stage: str) -> None:
+    conn.execute(
+        "INSERT INTO jobs (id, study_id, stage, status) VALUES (%s, %s, %s, 'queued')"
+        " ON CONFLICT (id) DO UPDATE SET status = 'queued', updated_at = now()",
+        (job_id, study_id, stage),
+    )
+
+
+def start_attempt(conn: Connection, *, job_id: str, worker: str) -> int:
+    row = conn.execute(
+        "UPDATE jobs SET status = 'started', attempts = attempts + 1, updated_at = now()"
+        " WHERE id = %s RETURNING attempts",
+        (job_id,),
+    ).fetchone()
+    attempt = int(row[0]) if row else 1
+    conn.execute(
+        "INSERT INTO job_attempts (job_id, attempt, worker) VALUES (%s, %s, %s)"
+        " ON CONFLICT (job_id, attempt) DO NOTHING",
+        (job_id, attempt, worker),
+    )
+    return attempt
+
+
+def finish_attempt(
+    conn: Connection, *, job_id: str, attempt: int, outcome: str, error: str | None = None
+) -> None:
+    conn.execute(
+        "UPDATE job_attempts SET finished_at = now(), outcome = %s, error = %s"
+        " WHERE job_id = %s AND attempt = %s",
+        (outcome, error, job_id, attempt),
+    )
+    conn.execute(
+        "UPDATE jobs SET status = %s, last_error = %s, updated_at = now() WHERE id = %s",
+        (outcome, error, job_id),
+    )
+
+
+def reports(conn: Connection, study_id: UUID) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT revision, format, object_key, created_at FROM reports WHERE study_id = %s"
+            " ORDER BY revision DESC, format",
+            (study_id,),
+        ).fetchall()
+
+
+def insert_report(
+    conn: Connection, *, study_id: UUID, revision: int, fmt: str, object_key: str
+) -> None:
+    conn.execute(
+        "INSERT INTO reports (study_id, revision, format, object_key) VALUES (%s, %s, %s, %s)"
+        " ON CONFLICT (study_id, revision, format) DO NOTHING",
+        (study_id, revision, fmt, object_key),
+    )

@@ -1,0 +1,194 @@
+"""Accepting DICOM files: validate, store the original, record rows, queue the study.
+
+Shared by every ingest path. Per file the outcome is ``accepted``, ``duplicate`` or
+``rejected`` with a reason. Nothing is half-stored: the object is written before the
+instance row's transaction commits and deleted again if that transaction fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from psycopg_pool import ConnectionPool
+from redis import Redis
+
+import preprocess
+from orchestrator import queue as jobqueue
+from orchestrator.db import studies as db
+from orchestrator.db import translate_errors
+from orchestrator.db.keys import Principal
+from orchestrator.db.studies import StudyStatus
+from orchestrator.storage import ObjectStore, original_key
+
+log = logging.getLogger(__name__)
+
+ACCEPTED, DUPLICATE, REJECTED = "accepted", "duplicate", "rejected"
+# Priority (0040,1003) RequestedProcedurePriority / (0000,0700) values that mean STAT.
+_STAT_VALUES = {"STAT", "HIGH"}
+
+
+@dataclass
+class FileOutcome:
+    filename: str
+    outcome: str
+    reason: str | None = None
+    category: str | None = None
+    study_id: UUID | None = None
+    instance_id: UUID | None = None
+
+    def public(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"filename": self.filename, "outcome": self.outcome}
+        if self.reason:
+            out["reason"] = self.reason
+            out["category"] = self.category
+        if self.study_id:
+            out["study_id"] = str(self.study_id)
+        if self.instance_id:
+            out["instance_id"] = str(self.instance_id)
+        return out
+
+
+@dataclass
+class IngestResult:
+    files: list[FileOutcome] = field(default_factory=list)
+    # Studies touched, in first-seen order, with whether new instances arrived.
+    studies: dict[UUID, bool] = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> int:
+        return sum(f.outcome == ACCEPTED for f in self.files)
+
+
+def _study_priority(ds: Any, requested: str | None) -> str:
+    if requested in ("stat", "routine"):
+        return requested
+    for keyword in ("RequestedProcedurePriority", "Priority"):
+        value = str(ds.get(keyword, "") or "").upper()
+        if value in _STAT_VALUES:
+            return "stat"
+    return "routine"
+
+
+def _ingest_one(
+    pool: ConnectionPool,
+    store: ObjectStore,
+    principal: Principal,
+    filename: str,
+    data: bytes,
+    *,
+    max_pixels: int,
+    priority: str | None,
+) -> FileOutcome:
+    try:
+        ds = preprocess.read_dicom(data)
+        preprocess.check_image(ds, max_pixels=max_pixels)
+        study_uid = str(ds.StudyInstanceUID)
+        series_uid = str(ds.SeriesInstanceUID)
+        sop_uid = str(ds.SOPInstanceUID)
+    except preprocess.PreprocessError as exc:
+        return FileOutcome(filename, REJECTED, str(exc), exc.category)
+    except AttributeError as exc:
+        missing = str(exc).split("'")[-2] if "'" in str(exc) else "a required UID"
+        return FileOutcome(
+            filename, REJECTED, f"{filename}: missing {missing}; every instance needs "
+            "StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID", "missing_uid"
+        )
+
+    instance_id = uuid.uuid4()
+    with translate_errors(), pool.connection() as conn:
+        study_id = db.upsert_study(
+            conn,
+            tenant_id=principal.tenant_id,
+            study_uid=study_uid,
+            priority=_study_priority(ds, priority),
+            created_by=principal.key_id,
+        )
+        if db.instance_exists(conn, study_id=study_id, sop_uid=sop_uid):
+            conn.rollback()
+            return FileOutcome(filename, DUPLICATE, None, None, study_id)
+        key = original_key(str(principal.tenant_id), str(study_id), str(instance_id))
+        store.put(key, data, content_type="application/dicom")
+        try:
+            series_id = db.upsert_series(
+                conn, study_id=study_id, series_uid=series_uid, modality=str(ds.get("Modality", ""))
+            )
+            inserted = db.insert_instance(
+                conn,
+                id=instance_id,
+                study_id=study_id,
+                series_id=series_id,
+                sop_uid=sop_uid,
+                sop_class_uid=str(ds.get("SOPClassUID", "")),
+                transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", ""))
+                if hasattr(ds, "file_meta")
+                else "",
+                rows=int(ds.get("Rows", 0) or 0),
+                columns=int(ds.get("Columns", 0) or 0),
+                frames=int(ds.get("NumberOfFrames", 1) or 1),
+                object_key=key,
+                size_bytes=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+            )
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            store.delete(key)
+            raise
+        if not inserted:  # lost a race with the same instance arriving concurrently
+            store.delete(key)
+            return FileOutcome(filename, DUPLICATE, None, None, study_id)
+    return FileOutcome(filename, ACCEPTED, None, None, study_id, instance_id)
+
+
+def ingest(
+    pool: ConnectionPool,
+    store: ObjectStore,
+    redis: Redis,
+    queue_name: str,
+    principal: Principal,
+    files: list[tuple[str, bytes]],
+    *,
+    max_pixels: int,
+    job_timeout_s: int,
+    priority: str | None = None,
+) -> IngestResult:
+    result = IngestResult()
+    for filename, data in files:
+        outcome = _ingest_one(
+            pool, store, principal, filename, data, max_pixels=max_pixels, priority=priority
+        )
+        result.files.append(outcome)
+        if outcome.study_id is not None:
+            new = outcome.outcome == ACCEPTED
+            result.studies[outcome.study_id] = result.studies.get(outcome.study_id, False) or new
+    for study_id, has_new in result.studies.items():
+        if has_new:
+            queue_study(pool, redis, queue_name, study_id, job_timeout_s=job_timeout_s)
+    return result
+
+
+def queue_study(
+    pool: ConnectionPool, redis: Redis, queue_name: str, study_id: UUID, *, job_timeout_s: int
+) -> None:
+    """Mark the study queued and enqueue its job. A study already finished is re-run for new
+    instances (results are idempotent per instance and model version)."""
+    with translate_errors(), pool.connection() as conn:
+        db.set_status(
+            conn,
+            study_id,
+            StudyStatus.QUEUED,
+            expected=(
+                StudyStatus.RECEIVED,
+                StudyStatus.DONE,
+                StudyStatus.FAILED,
+                StudyStatus.NEEDS_REVIEW,
+            ),
+        )
+        jid = jobqueue.job_id(study_id)
+        db.upsert_job(conn, job_id=jid, study_id=study_id, stage=jobqueue.STAGE_PROCESS)
+    jobqueue.enqueue_study(redis, queue_name, study_id, job_timeout_s=job_timeout_s)

@@ -1,0 +1,289 @@
+"""Processing one study: stored originals → preprocess → triage → analysis → gate → report.
+
+``process_study`` takes ids, reads everything else from PostgreSQL and the object store, and
+is safe to run twice: results are unique per (instance, model, version), the report revision
+is fixed, and state moves only by conditional update.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import numpy as np
+from psycopg_pool import ConnectionPool
+
+import preprocess
+from orchestrator import findings, report, routing
+from orchestrator.db import studies as db
+from orchestrator.db.studies import StudyStatus
+from orchestrator.errors import DependencyUnavailable, InferenceError, ModelUnavailable
+from orchestrator.inference import PRIORITY_DEFAULT, PRIORITY_STAT, InferenceClient, batches
+from orchestrator.settings import WorkerSettings
+from orchestrator.storage import ObjectStore, preview_key, report_key
+from orchestrator.triton.config import ModelSpec
+
+log = logging.getLogger(__name__)
+
+TRIAGE_MODEL = "triage"
+ANALYSIS_MODEL = "analysis"
+# Errors worth another attempt of the whole job; everything else fails the study at once.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (ModelUnavailable, DependencyUnavailable)
+REASON_LOW_CONFIDENCE = "low_confidence"
+REASON_INSTANCE_FAILED = "instance_failed"
+REASON_LOSSY_SOURCE = "lossy_source"
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process keeps warm between jobs."""
+
+    settings: WorkerSettings
+    pool: ConnectionPool
+    store: ObjectStore
+    inference: InferenceClient
+    models: dict[str, ModelSpec]
+    worker_name: str = "worker"
+
+
+@dataclass
+class _Prepared:
+    instance_id: UUID
+    tensor: np.ndarray
+    warnings: tuple[str, ...]
+
+
+@dataclass
+class _Clock:
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, started: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + (time.perf_counter() - started) * 1e3
+
+
+def _prepare(
+    ctx: WorkerContext, study: dict[str, Any], rows: list[dict[str, Any]], clock: _Clock
+) -> tuple[list[_Prepared], dict[UUID, str]]:
+    spec = ctx.models[TRIAGE_MODEL]
+    pp_spec = preprocess.PreprocessSpec.from_dict(spec.preprocess)
+    shape = spec.inputs[0].dims
+    prepared: list[_Prepared] = []
+    failed: dict[UUID, str] = {}
+    for row in rows:
+        t0 = time.perf_counter()
+        data = ctx.store.get(row["object_key"])
+        clock.add("fetch", t0)
+        t0 = time.perf_counter()
+        try:
+            ds = preprocess.read_dicom(data)
+            preprocess.check_image(ds, max_pixels=ctx.settings.max_pixels)
+            out = preprocess.preprocess(
+                ds,
+                pp_spec,
+                (int(shape[0]), int(shape[1]), int(shape[2])),
+                preview_max_size=ctx.settings.preview_max_size,
+                preview_quality=ctx.settings.preview_quality,
+            )
+        except preprocess.PreprocessError as exc:
+            clock.add("preprocess", t0)
+            failed[row["id"]] = f"{exc.category}: {exc}"
+            continue
+        clock.add("preprocess", t0)
+        t0 = time.perf_counter()
+        key = preview_key(str(study["tenant_id"]), str(study["id"]), str(row["id"]))
+        ctx.store.put(key, out.preview_jpeg, content_type="image/jpeg")
+        clock.add("store", t0)
+        with ctx.pool.connection() as conn:
+            db.finish_instance(
+                conn, row["id"], status="stored", preview_key=key, warnings=list(out.warnings)
+            )
+        prepared.append(_Prepared(row["id"], out.tensor, out.warnings))
+    return prepared, failed
+
+
+def _run_model(
+    ctx: WorkerContext,
+    model: str,
+    study: dict[str, Any],
+    prepared: list[_Prepared],
+    clock: _Clock,
+    describe: Callable[[ModelSpec, dict[str, np.ndarray], int], tuple[str, float, list[Any]]],
+) -> dict[UUID, tuple[str, float]]:
+    """Run every prepared image through the study's live version (and shadows); store results."""
+    spec = ctx.models[model]
+    with ctx.pool.connection() as conn:
+        choice = routing.choose(model, study["study_uid"], routing.load_routes(conn, model))
+    priority = PRIORITY_STAT if study["priority"] == "stat" else PRIORITY_DEFAULT
+    size = max(1, min(ctx.settings.infer_batch_size, spec.max_batch_size or 1))
+    live: dict[UUID, tuple[str, float]] = {}
+    for arm, version in [("live", choice.live)] + [("shadow", v) for v in choice.shadows]:
+        for part in batches(len(prepared), size):
+            chunk = prepared[part]
+            batch = np.stack([p.tensor for p in chunk]).astype(np.float32, copy=False)
+            t0 = time.perf_counter()
+            outputs = ctx.inference.infer(
+                spec,
+                version,
+                {spec.inputs[0].name: batch},
+                priority=priority,
+                timeout_s=ctx.settings.triton_timeout_s,
+            )
+            elapsed_ms = (time.perf_counter() - t0) * 1e3
+            if arm == "live":
+                clock.timings[model] = clock.timings.get(model, 0.0) + elapsed_ms
+            with ctx.pool.connection() as conn:
+                for i, item in enumerate(chunk):
+                    label, confidence, found = describe(spec, outputs, i)
+                    db.insert_result(
+                        conn,
+                        study_id=study["id"],
+                        instance_id=item.instance_id,
+                        model=model,
+                        version=version,
+                        arm=arm,
+                        label=label,
+                        confidence=confidence,
+                        outputs={k: v[i].tolist() for k, v in outputs.items()},
+                        findings=found,
+                        latency_ms=elapsed_ms / len(chunk),
+                    )
+                    if arm == "live":
+                        live[item.instance_id] = (label, confidence)
+    return live
+
+
+def _describe_triage(
+    spec: ModelSpec, outputs: dict[str, np.ndarray], i: int
+) -> tuple[str, float, list[Any]]:
+    label, confidence = findings.top_class(outputs[spec.outputs[0].name][i], spec.labels)
+    return label, confidence, []
+
+
+def _describe_analysis(
+    spec: ModelSpec, outputs: dict[str, np.ndarray], i: int
+) -> tuple[str, float, list[Any]]:
+    probs = outputs[spec.outputs[0].name][i]
+    heat = outputs[spec.outputs[1].name][i] if len(spec.outputs) > 1 else None
+    label, confidence = findings.top_class(probs, spec.labels)
+    return label, confidence, findings.analysis_findings(probs, heat, spec.labels)
+
+
+def _gate(
+    ctx: WorkerContext,
+    triage: dict[UUID, tuple[str, float]],
+    failed: dict[UUID, str],
+    prepared: list[_Prepared],
+) -> list[str]:
+    reasons: list[str] = []
+    if any(conf < ctx.settings.review_confidence_threshold for _, conf in triage.values()):
+        reasons.append(REASON_LOW_CONFIDENCE)
+    if failed:
+        reasons.append(REASON_INSTANCE_FAILED)
+    if any("lossy_source" in p.warnings for p in prepared):
+        reasons.append(REASON_LOSSY_SOURCE)
+    return reasons
+
+
+def _write_report(ctx: WorkerContext, study_id: UUID, status: StudyStatus, clock: _Clock) -> None:
+    """Store the next report revision, written as the study will read once ``status`` is set."""
+    t0 = time.perf_counter()
+    with ctx.pool.connection() as conn:
+        study = db.get_study(conn, study_id, tenant_id=None)
+        assert study is not None
+        study = {**study, "status": status.value, "timings": {**study["timings"], **clock.timings}}
+        rows = db.instances(conn, study_id)
+        res = db.results(conn, study_id)
+        review = db.review_case(conn, study_id)
+        revision = 1 + max((r["revision"] for r in db.reports(conn, study_id)), default=0)
+    body = report.to_json_bytes(report.build(study, rows, res, review))
+    key = report_key(str(study["tenant_id"]), str(study_id), revision, "json")
+    ctx.store.put(key, body, content_type="application/json")
+    with ctx.pool.connection() as conn:
+        db.insert_report(conn, study_id=study_id, revision=revision, fmt="json", object_key=key)
+    clock.add("report", t0)
+
+
+def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
+    """Run the whole pipeline for one study; return the final status."""
+    clock = _Clock()
+    started = time.perf_counter()
+    with ctx.pool.connection() as conn:
+        study = db.get_study(conn, study_id, tenant_id=None)
+        if study is None:
+            log.warning("job %s: study %s no longer exists", job_id, study_id)
+            return "missing"
+        moved = db.set_status(
+            conn,
+            study_id,
+            StudyStatus.PROCESSING,
+            expected=(StudyStatus.QUEUED, StudyStatus.RECEIVED, StudyStatus.PROCESSING),
+        )
+        if not moved:
+            return str(study["status"])
+        if study["queued_at"] is not None:
+            row = conn.execute(
+                "SELECT extract(epoch FROM (started_at - queued_at)) * 1000 FROM studies"
+                " WHERE id = %s",
+                (study_id,),
+            ).fetchone()
+            clock.timings["queue_wait"] = float(row[0]) if row and row[0] is not None else 0.0
+        attempt = db.start_attempt(conn, job_id=job_id, worker=ctx.worker_name)
+        rows = [r for r in db.instances(conn, study_id) if r["status"] != "failed"]
+
+    try:
+        prepared, failed = _prepare(ctx, study, rows, clock)
+        with ctx.pool.connection() as conn:
+            for instance_id, reason in failed.items():
+                db.finish_instance(conn, instance_id, status="failed", error=reason)
+        triage: dict[UUID, tuple[str, float]] = {}
+        if prepared:
+            triage = _run_model(ctx, TRIAGE_MODEL, study, prepared, clock, _describe_triage)
+            _run_model(ctx, ANALYSIS_MODEL, study, prepared, clock, _describe_analysis)
+        with ctx.pool.connection() as conn:
+            for p in prepared:
+                db.finish_instance(
+                    conn, p.instance_id, status="done", warnings=list(p.warnings)
+                )
+        if not prepared:
+            final, error = StudyStatus.FAILED, "no instance could be preprocessed"
+        else:
+            reasons = _gate(ctx, triage, failed, prepared)
+            final, error = (StudyStatus.NEEDS_REVIEW, None) if reasons else (StudyStatus.DONE, None)
+            if reasons:
+                urgency = 1 if study["priority"] == "stat" else 0
+                with ctx.pool.connection() as conn:
+                    db.open_review_case(
+                        conn,
+                        tenant_id=study["tenant_id"],
+                        study_id=study_id,
+                        reasons=reasons,
+                        urgency=urgency,
+                    )
+        _write_report(ctx, study_id, final, clock)
+    except TRANSIENT_ERRORS as exc:
+        # Left in 'processing': the job is retried (RQ Retry) or re-enqueued by the reconciler.
+        with ctx.pool.connection() as conn:
+            db.finish_attempt(conn, job_id=job_id, attempt=attempt, outcome="failed", error=str(exc))
+        raise
+    except (InferenceError, Exception) as exc:
+        with ctx.pool.connection() as conn:
+            db.set_status(
+                conn,
+                study_id,
+                StudyStatus.FAILED,
+                expected=(StudyStatus.PROCESSING,),
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            db.finish_attempt(conn, job_id=job_id, attempt=attempt, outcome="failed", error=str(exc))
+        raise
+
+    clock.timings["total_worker"] = (time.perf_counter() - started) * 1e3
+    with ctx.pool.connection() as conn:
+        db.merge_timings(conn, study_id, clock.timings)
+        db.set_status(conn, study_id, final, expected=(StudyStatus.PROCESSING,), error=error)
+        db.finish_attempt(conn, job_id=job_id, attempt=attempt, outcome="finished")
+    return final.value

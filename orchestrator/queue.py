@@ -1,0 +1,68 @@
+"""Enqueueing study jobs on RQ. Redis is the transport; PostgreSQL holds the truth.
+
+One job per study (the job grain): all of a study's images go to Triton in batches from one
+worker, which keeps a study's images on one model version and amortises per-job overhead.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue, Retry
+from rq.job import Job, JobStatus
+
+from orchestrator.errors import DependencyUnavailable
+
+STAGE_PROCESS = "process"
+# Keep a finished job's record for a day (debugging), a failed one's for a week.
+RESULT_TTL_S = 24 * 3600
+FAILURE_TTL_S = 7 * 24 * 3600
+# Transient failures (Triton or a dependency briefly down) get this many more attempts.
+RETRY_MAX = 3
+RETRY_INTERVALS_S = [5, 20, 60]
+# Redis socket timeouts for the API's connection: a hung Redis must not hang uploads.
+REDIS_SOCKET_TIMEOUT_S = 5.0
+
+_ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+
+
+def connect(url: str) -> Redis:
+    return Redis.from_url(
+        url, socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S
+    )
+
+
+def job_id(study_id: UUID, stage: str = STAGE_PROCESS) -> str:
+    """Derived from the work, so the same study cannot be queued twice at once."""
+    return f"study-{study_id}-{stage}"
+
+
+def enqueue_study(redis: Redis, queue_name: str, study_id: UUID, *, job_timeout_s: int) -> bool:
+    """Queue the study's job unless it is already queued or running; True when enqueued."""
+    jid = job_id(study_id)
+    try:
+        try:
+            existing = Job.fetch(jid, connection=redis)
+            if existing.get_status(refresh=False) in _ACTIVE:
+                return False
+        except Exception:  # noqa: BLE001 - rq raises NoSuchJobError or a decode error
+            pass
+        Queue(queue_name, connection=redis).enqueue(
+            "orchestrator.worker.run_study_job",
+            str(study_id),
+            job_id=jid,
+            job_timeout=job_timeout_s,
+            result_ttl=RESULT_TTL_S,
+            failure_ttl=FAILURE_TTL_S,
+            retry=Retry(max=RETRY_MAX, interval=RETRY_INTERVALS_S),
+            description=f"process study {study_id}",
+        )
+    except RedisError as exc:
+        raise DependencyUnavailable("redis", type(exc).__name__) from exc
+    return True
+
+
+def queue_depth(redis: Redis, queue_name: str) -> int:
+    return len(Queue(queue_name, connection=redis))

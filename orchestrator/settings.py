@@ -1,0 +1,78 @@
+"""Settings per process kind, read from the environment (prefix ``MEDTRIAGE_``).
+
+Each entry point builds its own settings object and passes it down; nothing imports a
+settings global. Defaults describe the local stack on one machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Local development defaults: the services every machine of ours runs on loopback.
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_TRITON_GRPC_URL = "127.0.0.1:8001"
+
+
+class CommonSettings(BaseSettings):
+    """What every process needs to find the database, the queue, the store and Triton."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDTRIAGE_", extra="ignore")
+
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str = DEFAULT_REDIS_URL
+    # file:///abs/path  or  s3://bucket/prefix
+    storage_url: str = f"file://{REPO_ROOT / '.medtriage' / 'objects'}"
+    # Only for S3-compatible servers other than AWS (MinIO, moto); empty = AWS default.
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+    triton_grpc_url: str = DEFAULT_TRITON_GRPC_URL
+    triton_http_url: str = "http://127.0.0.1:8000"
+    model_repository: Path = REPO_ROOT / "model_repository"
+    home: Path = REPO_ROOT / ".medtriage"
+    # Queue names are prefixed so several stacks (tests, demo) can share one Redis.
+    queue_prefix: str = "medtriage"
+    # Database connection pool bounds per process.
+    db_pool_min: int = 1
+    db_pool_max: int = 8
+    # RQ: a study job taking longer than this is killed and marked failed.
+    job_timeout_s: int = 600
+
+    @property
+    def queue_name(self) -> str:
+        return f"{self.queue_prefix}:studies"
+
+
+class ApiSettings(CommonSettings):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Whole-request upload limit; larger bodies get 413 before anything is stored.
+    max_upload_bytes: int = 512 * 1024 * 1024
+    # Decompression-bomb guard: declared Rows x Columns x Frames x Samples above this is refused.
+    max_pixels: int = 400_000_000
+    # How long the API waits for a dependency in /readyz before calling it down.
+    readiness_timeout_s: float = 2.0
+    page_size_max: int = 200
+
+
+class WorkerSettings(CommonSettings):
+    # Worker processes started by `medtriage worker` / the local stack.
+    concurrency: int = 1
+    # Deadline for one Triton call (client_timeout).
+    triton_timeout_s: float = 30.0
+    max_pixels: int = 400_000_000
+    preview_max_size: int = 512
+    preview_quality: int = 85
+    # Confidence gate: a top-class triage confidence below this sends the study to review.
+    review_confidence_threshold: float = 0.75
+    # Instances per Triton request (bounded by the model's max_batch_size).
+    infer_batch_size: int = Field(default=32, ge=1)
+
+
+class CliSettings(ApiSettings, WorkerSettings):
+    """The CLI starts every process kind, so it sees every setting."""

@@ -1,0 +1,181 @@
+"""Object store for originals, previews and reports: a local directory or S3 (boto3).
+
+Keys are opaque internal ids (``tenants/<uuid>/studies/<uuid>/...``): never UIDs or
+patient data. Both backends share the ``ObjectStore`` protocol so unit tests can use a fake.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from orchestrator.errors import DependencyUnavailable, ObjectNotFound, StorageError
+
+# boto3 client timeouts: a hung S3 endpoint must not hang a request or a job.
+S3_CONNECT_TIMEOUT_S = 5
+S3_READ_TIMEOUT_S = 30
+S3_MAX_ATTEMPTS = 3
+
+
+class ObjectStore(Protocol):
+    def put(self, key: str, data: bytes, *, content_type: str = ...) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def delete(self, key: str) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def ping(self) -> None: ...
+
+
+class LocalStore:
+    """Objects as files under one directory; writes are atomic (temp file + rename)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise StorageError(f"key escapes the store: {key!r}")
+        return path
+
+    def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(key) from exc
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def ping(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise DependencyUnavailable("object store", f"{self.root} is not writable")
+
+
+class S3Store:
+    """Objects in an S3 bucket under a prefix; server-side encryption requested on every put."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        server_side_encryption: str = "AES256",
+    ) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.sse = server_side_encryption
+        self._client = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url or None,
+            region_name=region,
+            config=Config(
+                connect_timeout=S3_CONNECT_TIMEOUT_S,
+                read_timeout=S3_READ_TIMEOUT_S,
+                retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+            ),
+        )
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _translate(self, exc: Exception, key: str) -> Exception:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return ObjectNotFound(key)
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if status >= 500 or code in ("SlowDown", "Throttling"):
+                return DependencyUnavailable("object store", code or str(status))
+            return StorageError(f"S3 {code} on {key}")
+        if isinstance(exc, BotoCoreError):
+            return DependencyUnavailable("object store", type(exc).__name__)
+        return exc
+
+    def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
+        try:
+            self._client.put_object(
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Body=data,
+                ContentType=content_type,
+                ServerSideEncryption=self.sse,
+            )
+        except Exception as exc:
+            raise self._translate(exc, key) from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            body = self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            return bytes(body.read())
+        except Exception as exc:
+            raise self._translate(exc, key) from exc
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            raise self._translate(exc, key) from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except Exception as exc:
+            err = self._translate(exc, key)
+            if isinstance(err, ObjectNotFound):
+                return False
+            raise err from exc
+
+    def ping(self) -> None:
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            raise DependencyUnavailable("object store", type(exc).__name__) from exc
+
+
+def open_store(url: str, *, endpoint_url: str = "", region: str = "us-east-1") -> ObjectStore:
+    """``file:///path`` → LocalStore; ``s3://bucket/prefix`` → S3Store."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return LocalStore(Path(parsed.path))
+    if parsed.scheme == "s3":
+        return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url or None, region=region)
+    raise ValueError(f"storage URL must be file:///path or s3://bucket/prefix, not {url!r}")
+
+
+def original_key(tenant_id: str, study_id: str, instance_id: str) -> str:
+    return f"tenants/{tenant_id}/studies/{study_id}/originals/{instance_id}.dcm"
+
+
+def preview_key(tenant_id: str, study_id: str, instance_id: str) -> str:
+    return f"tenants/{tenant_id}/studies/{study_id}/previews/{instance_id}.jpg"
+
+
+def report_key(tenant_id: str, study_id: str, revision: int, fmt: str) -> str:
+    return f"tenants/{tenant_id}/studies/{study_id}/reports/r{revision}.{fmt}"

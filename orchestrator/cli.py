@@ -25,7 +25,9 @@ def _cmd_keys_create(args: argparse.Namespace, settings: CliSettings) -> int:
 
     upgrade(settings.database_url)
     with psycopg.connect(settings.database_url) as conn:
-        key_id, key = create_key(conn, tenant=args.tenant, name=args.name or args.role, role=args.role)
+        key_id, key = create_key(
+            conn, tenant=args.tenant, name=args.name or args.role, role=args.role
+        )
     print(key if args.quiet else f"key id {key_id}, role {args.role}, tenant {args.tenant}\n{key}")
     print("(shown once; store it now)", file=sys.stderr)
     return 0
@@ -60,6 +62,7 @@ def _cmd_worker(args: argparse.Namespace, settings: CliSettings) -> int:
 
 def _cmd_triton(args: argparse.Namespace, settings: CliSettings) -> int:
     from orchestrator.triton import local
+    from orchestrator.triton.config import load_repository
 
     if args.action == "install":
         print(local.install_runtime(settings.home))
@@ -70,8 +73,11 @@ def _cmd_triton(args: argparse.Namespace, settings: CliSettings) -> int:
     http_port = int(settings.triton_http_url.rsplit(":", 1)[1].split("/")[0])
     local.install_runtime(stack_home)
     proc = local.TritonProcess(
-        stack_home, rendered, stack_home / "logs" / "triton.log",
-        grpc_port=grpc_port, http_port=http_port,
+        stack_home,
+        rendered,
+        stack_home / "logs" / "triton.log",
+        grpc_port=grpc_port,
+        http_port=http_port,
     )
     with proc:
         print(f"Triton ready: grpc {proc.grpc_url}, http {proc.http_url}; Ctrl-C to stop")
@@ -101,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create", help="create an API key (printed once)")
-    create.add_argument("--role", required=True,
-                        choices=["uploader", "reviewer", "ml-engineer", "sre", "admin"])
+    create.add_argument(
+        "--role", required=True, choices=["uploader", "reviewer", "ml-engineer", "sre", "admin"]
+    )
     create.add_argument("--tenant", default="default")
     create.add_argument("--name", default=None)
     create.add_argument("--quiet", action="store_true", help="print only the key")
@@ -121,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--out", default=None, help="folder for reports (default <home>/demo)")
     demo.set_defaults(func=_cmd_demo)
+    from orchestrator import models_cli
+
+    models_cli.add_parser(sub)
     return parser
 
 

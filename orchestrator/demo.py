@@ -40,8 +40,16 @@ def sample_studies() -> list[dict[str, Any]]:
         uid = generate_uid()
         series = generate_uid()
         files = [
-            (f"{name}-{n}.dcm", radiograph(images[i], study_uid=uid, series_uid=series,
-                                           instance_number=n + 1, priority=priority))
+            (
+                f"{name}-{n}.dcm",
+                radiograph(
+                    images[i],
+                    study_uid=uid,
+                    series_uid=series,
+                    instance_number=n + 1,
+                    priority=priority,
+                ),
+            )
             for n, i in enumerate(picks)
         ]
         expected = ["pneumonia" if labels[i] else "normal" for i in picks]
@@ -53,13 +61,27 @@ def sample_studies() -> list[dict[str, Any]]:
         chest("chest-normal", normal[:4]),
         chest("chest-pneumonia", pneumonia[:4]),
         chest("chest-stat", [normal[4], pneumonia[4]], priority="STAT"),
-        {"name": "ct-mr-mixed", "files": [("CT_small.dcm", ct.read_bytes()),
-                                          ("MR_small.dcm", mr.read_bytes())], "expected": []},
-        {"name": "with-bad-file", "files": [
-            (f"chest-{n}.dcm", radiograph(images[i], study_uid=(uid := generate_uid())
-                                          if n == 0 else uid, instance_number=n + 1))
-            for n, i in enumerate(pneumonia[5:7])] + [("notes.txt", b"not a DICOM file")],
-         "expected": []},
+        {
+            "name": "ct-mr-mixed",
+            "files": [("CT_small.dcm", ct.read_bytes()), ("MR_small.dcm", mr.read_bytes())],
+            "expected": [],
+        },
+        {
+            "name": "with-bad-file",
+            "files": [
+                (
+                    f"chest-{n}.dcm",
+                    radiograph(
+                        images[i],
+                        study_uid=(uid := generate_uid()) if n == 0 else uid,
+                        instance_number=n + 1,
+                    ),
+                )
+                for n, i in enumerate(pneumonia[5:7])
+            ]
+            + [("notes.txt", b"not a DICOM file")],
+            "expected": [],
+        },
     ]
 
 
@@ -71,8 +93,13 @@ def _summary_row(name: str, study: dict[str, Any]) -> dict[str, Any]:
     for r in triage:
         labels[r["label"]] = labels.get(r["label"], 0) + 1
     worst = min((r["confidence"] for r in triage), default=float("nan"))
-    finding_codes = sorted({f["code"] + ("@" + "/".join(f.get("zones", [])[:2]) if f.get("zones")
-                                         else "") for r in analysis for f in r["findings"]})
+    finding_codes = sorted(
+        {
+            f["code"] + ("@" + "/".join(f.get("zones", [])[:2]) if f.get("zones") else "")
+            for r in analysis
+            for f in r["findings"]
+        }
+    )
     t = study["timings_ms"]
     return {
         "study": name,
@@ -106,7 +133,9 @@ def main(settings: CliSettings, *, workers: int = 2, out: str | None = None) -> 
     upgrade(settings.database_url)
     with psycopg.connect(settings.database_url) as conn:
         _, key = create_key(conn, tenant="demo", name="demo-uploader", role="uploader")
-    print(f"starting the local stack (Triton, API, {workers} workers); logs in {settings.home}/logs")
+    print(
+        f"starting the local stack (Triton, API, {workers} workers); logs in {settings.home}/logs"
+    )
     started = time.perf_counter()
     with LocalStack(settings, workers=workers) as stack:
         stack.wait_workers_ready(settings.redis_url)

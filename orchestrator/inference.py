@@ -93,8 +93,9 @@ class TritonInference:
             if array is None or array.size == 0 or array.shape != (batch, *tensor.dims):
                 got = None if array is None else array.shape
                 raise InferenceError(
-                    spec.name, version, f"output {tensor.name!r} has shape {got}, "
-                    f"expected {(batch, *tensor.dims)}"
+                    spec.name,
+                    version,
+                    f"output {tensor.name!r} has shape {got}, expected {(batch, *tensor.dims)}",
                 )
             if not np.all(np.isfinite(array)):
                 raise InferenceError(spec.name, version, f"output {tensor.name!r} is not finite")

@@ -95,8 +95,11 @@ def _ingest_one(
     except AttributeError as exc:
         missing = str(exc).split("'")[-2] if "'" in str(exc) else "a required UID"
         return FileOutcome(
-            filename, REJECTED, f"{filename}: missing {missing}; every instance needs "
-            "StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID", "missing_uid"
+            filename,
+            REJECTED,
+            f"{filename}: missing {missing}; every instance needs "
+            "StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID",
+            "missing_uid",
         )
 
     instance_id = uuid.uuid4()

@@ -11,7 +11,9 @@ from prometheus_client import Counter, Histogram
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 HTTP_REQUESTS = Counter(
-    "medtriage_http_requests_total", "API requests by route template and status.", ["route", "status"]
+    "medtriage_http_requests_total",
+    "API requests by route template and status.",
+    ["route", "status"],
 )
 HTTP_LATENCY = Histogram(
     "medtriage_http_request_duration_seconds",

@@ -105,6 +105,35 @@ def _prepare(
     return prepared, failed
 
 
+def _infer_chunks(
+    ctx: WorkerContext,
+    spec: ModelSpec,
+    version: int,
+    prepared: list[_Prepared],
+    priority: int,
+) -> list[tuple[list[_Prepared], dict[str, np.ndarray], float]]:
+    size = max(1, min(ctx.settings.infer_batch_size, spec.max_batch_size or 1))
+    out = []
+    for part in batches(len(prepared), size):
+        chunk = prepared[part]
+        batch = np.stack([p.tensor for p in chunk]).astype(np.float32, copy=False)
+        t0 = time.perf_counter()
+        outputs = ctx.inference.infer(
+            spec,
+            version,
+            {spec.inputs[0].name: batch},
+            priority=priority,
+            timeout_s=ctx.settings.triton_timeout_s,
+        )
+        out.append((chunk, outputs, (time.perf_counter() - t0) * 1e3))
+    return out
+
+
+def _live_version(ctx: WorkerContext, model: str, study: dict[str, Any]) -> routing.Choice:
+    with ctx.pool.connection() as conn:
+        return routing.choose(model, study["study_uid"], routing.load_routes(conn, model))
+
+
 def _run_model(
     ctx: WorkerContext,
     model: str,
@@ -113,26 +142,40 @@ def _run_model(
     clock: _Clock,
     describe: Callable[[ModelSpec, dict[str, np.ndarray], int], tuple[str, float, list[Any]]],
 ) -> dict[UUID, tuple[str, float]]:
-    """Run every prepared image through the study's live version (and shadows); store results."""
+    """Run every prepared image through the study's live version (and shadows); store results.
+
+    A live version that Triton no longer serves fails over to the remaining live arms (the
+    event is recorded); a failing shadow is logged and skipped, never failing the study.
+    """
+    from orchestrator import rollout
+
     spec = ctx.models[model]
-    with ctx.pool.connection() as conn:
-        choice = routing.choose(model, study["study_uid"], routing.load_routes(conn, model))
     priority = PRIORITY_STAT if study["priority"] == "stat" else PRIORITY_DEFAULT
-    size = max(1, min(ctx.settings.infer_batch_size, spec.max_batch_size or 1))
+    choice = _live_version(ctx, model, study)
+    while True:
+        try:
+            live_runs = _infer_chunks(ctx, spec, choice.live, prepared, priority)
+            break
+        except ModelUnavailable as exc:
+            with ctx.pool.connection() as conn:
+                routes = routing.load_routes(conn, model)
+                others = [r for r in routes if not r.shadow and r.version != choice.live]
+                if not others:
+                    raise
+                rollout.failover(
+                    conn, model, choice.live, actor=f"worker:{ctx.worker_name}", reason=str(exc)
+                )
+            log.warning("%s v%s unavailable; failed over", model, choice.live)
+            choice = _live_version(ctx, model, study)
+    runs = [("live", choice.live, live_runs)]
+    for version in choice.shadows:
+        try:
+            runs.append(("shadow", version, _infer_chunks(ctx, spec, version, prepared, priority)))
+        except InferenceError as exc:
+            log.warning("shadow %s v%s failed: %s", model, version, type(exc).__name__)
     live: dict[UUID, tuple[str, float]] = {}
-    for arm, version in [("live", choice.live)] + [("shadow", v) for v in choice.shadows]:
-        for part in batches(len(prepared), size):
-            chunk = prepared[part]
-            batch = np.stack([p.tensor for p in chunk]).astype(np.float32, copy=False)
-            t0 = time.perf_counter()
-            outputs = ctx.inference.infer(
-                spec,
-                version,
-                {spec.inputs[0].name: batch},
-                priority=priority,
-                timeout_s=ctx.settings.triton_timeout_s,
-            )
-            elapsed_ms = (time.perf_counter() - t0) * 1e3
+    for arm, version, chunks in runs:
+        for chunk, outputs, elapsed_ms in chunks:
             if arm == "live":
                 clock.timings[model] = clock.timings.get(model, 0.0) + elapsed_ms
             with ctx.pool.connection() as conn:
@@ -245,9 +288,7 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
             _run_model(ctx, ANALYSIS_MODEL, study, prepared, clock, _describe_analysis)
         with ctx.pool.connection() as conn:
             for p in prepared:
-                db.finish_instance(
-                    conn, p.instance_id, status="done", warnings=list(p.warnings)
-                )
+                db.finish_instance(conn, p.instance_id, status="done", warnings=list(p.warnings))
         if not prepared:
             final, error = StudyStatus.FAILED, "no instance could be preprocessed"
         else:
@@ -267,7 +308,9 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
     except TRANSIENT_ERRORS as exc:
         # Left in 'processing': the job is retried (RQ Retry) or re-enqueued by the reconciler.
         with ctx.pool.connection() as conn:
-            db.finish_attempt(conn, job_id=job_id, attempt=attempt, outcome="failed", error=str(exc))
+            db.finish_attempt(
+                conn, job_id=job_id, attempt=attempt, outcome="failed", error=str(exc)
+            )
         raise
     except (InferenceError, Exception) as exc:
         with ctx.pool.connection() as conn:
@@ -278,7 +321,9 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
                 expected=(StudyStatus.PROCESSING,),
                 error=f"{type(exc).__name__}: {exc}",
             )
-            db.finish_attempt(conn, job_id=job_id, attempt=attempt, outcome="failed", error=str(exc))
+            db.finish_attempt(
+                conn, job_id=job_id, attempt=attempt, outcome="failed", error=str(exc)
+            )
         raise
 
     clock.timings["total_worker"] = (time.perf_counter() - started) * 1e3

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from orchestrator.settings import CliSettings
+from orchestrator.triton.config import load_repository
 from orchestrator.triton.local import TritonProcess, install_runtime, render_repository
 
 # How long the API may take to answer /healthz after it is started.
@@ -45,8 +46,17 @@ class LocalStack:
 
     def start_triton(self) -> TritonProcess:
         install_runtime(self.home)
-        rendered = render_repository(self.settings.model_repository, self.home / "triton-repository")
-        self.triton = TritonProcess(self.home, rendered, self.logs / "triton.log")
+        rendered = render_repository(
+            self.settings.model_repository, self.home / "triton-repository"
+        )
+        # Explicit model control, so `medtriage models load/unload` works on the local stack.
+        self.triton = TritonProcess(
+            self.home,
+            rendered,
+            self.logs / "triton.log",
+            model_control="explicit",
+            load_models=sorted(load_repository(self.settings.model_repository)),
+        )
         self.triton.start(timeout_s=TRITON_START_TIMEOUT_S)
         return self.triton
 

@@ -59,7 +59,10 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     work = tmp_path_factory.mktemp("triton")
     rendered = render_repository(REPO_ROOT / "model_repository", work / "repository")
     proc = TritonProcess(
-        HOME, rendered, work / "triton.log", model_control="explicit",
+        HOME,
+        rendered,
+        work / "triton.log",
+        model_control="explicit",
         load_models=["triage", "analysis"],
     )
     proc.start(timeout_s=180)

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from orchestrator import metrics
 from orchestrator import queue as jobqueue
-from orchestrator.api import health, studies
+from orchestrator.api import health, models, studies
 from orchestrator.api.deps import Services
 from orchestrator.db import connect_pool, upgrade
 from orchestrator.errors import DependencyUnavailable, MedtriageError
@@ -25,8 +25,9 @@ from orchestrator.storage import open_store
 log = logging.getLogger(__name__)
 
 # Routes anyone may call: liveness, readiness, metrics and the API description.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json",
-                          "/docs/oauth2-redirect", "/redoc"})
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
+)
 
 
 def _services(settings: ApiSettings) -> Services:
@@ -36,11 +37,13 @@ def _services(settings: ApiSettings) -> Services:
         log.warning("database migration skipped at start-up: %s", type(exc).__name__)
     return Services(
         settings=settings,
-        pool=connect_pool(settings.database_url, min_size=settings.db_pool_min,
-                          max_size=settings.db_pool_max),
+        pool=connect_pool(
+            settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+        ),
         redis=jobqueue.connect(settings.redis_url),
-        store=open_store(settings.storage_url, endpoint_url=settings.s3_endpoint_url,
-                         region=settings.s3_region),
+        store=open_store(
+            settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+        ),
     )
 
 
@@ -57,6 +60,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app = FastAPI(title="medtriage", version="0.1.0", lifespan=lifespan)
     app.include_router(health.router)
     app.include_router(studies.router)
+    app.include_router(models.router)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
@@ -94,7 +98,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
             {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", "")}
             for e in exc.errors()
         ]
-        return JSONResponse(status_code=422, content={"error": "ValidationError",
-                                                      "detail": problems})
+        return JSONResponse(
+            status_code=422, content={"error": "ValidationError", "detail": problems}
+        )
 
     return app

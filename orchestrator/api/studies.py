@@ -117,7 +117,9 @@ async def create_study(
             + "; ".join(f"{f['filename']}: {f.get('reason')}" for f in body_files)
         )
     first = studies[0]
-    content = StudyCreated(id=first["id"], status=first["status"], studies=studies, files=body_files)
+    content = StudyCreated(
+        id=first["id"], status=first["status"], studies=studies, files=body_files
+    )
     return JSONResponse(status_code=202, content=content.model_dump())
 
 
@@ -182,8 +184,14 @@ def get_study(
         results = db.results(conn, study_id)
         review = db.review_case(conn, study_id)
         reports = db.reports(conn, study_id)
-    audit(request, services, principal, action="study.read", resource_type="study",
-          resource_id=str(study_id))
+    audit(
+        request,
+        services,
+        principal,
+        action="study.read",
+        resource_type="study",
+        resource_id=str(study_id),
+    )
     by_instance: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         by_instance.setdefault(str(r["instance_id"]), []).append(
@@ -230,8 +238,10 @@ def get_study(
         ],
         review=None
         if review is None
-        else {k: (_iso(v) if k == "created_at" else (str(v) if k == "id" else v))
-              for k, v in review.items()},
+        else {
+            k: (_iso(v) if k == "created_at" else (str(v) if k == "id" else v))
+            for k, v in review.items()
+        },
         reports=[
             {"revision": r["revision"], "format": r["format"], "created_at": _iso(r["created_at"])}
             for r in reports
@@ -252,8 +262,14 @@ def get_preview(
     if row is None or row[0] is None:
         raise NotFound(f"no preview for instance {instance_id}")
     data = services.store.get(row[0])
-    audit(request, services, principal, action="preview.read", resource_type="instance",
-          resource_id=str(instance_id))
+    audit(
+        request,
+        services,
+        principal,
+        action="preview.read",
+        resource_type="instance",
+        resource_id=str(instance_id),
+    )
     return Response(content=data, media_type="image/jpeg")
 
 
@@ -271,6 +287,13 @@ def get_report(
     if not reports:
         raise NotFound(f"study {study_id} has no {format} report yet")
     data = services.store.get(reports[0]["object_key"])
-    audit(request, services, principal, action="report.read", resource_type="study",
-          resource_id=str(study_id), detail={"revision": reports[0]["revision"]})
+    audit(
+        request,
+        services,
+        principal,
+        action="report.read",
+        resource_type="study",
+        resource_id=str(study_id),
+        detail={"revision": reports[0]["revision"]},
+    )
     return Response(content=data, media_type="application/json")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.db.pool import connect_pool, translate_errors
 from orchestrator.db.migrate import upgrade
+from orchestrator.db.pool import connect_pool, translate_errors
 
 __all__ = ["connect_pool", "translate_errors", "upgrade"]

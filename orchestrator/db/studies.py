@@ -128,7 +128,9 @@ def list_studies(
     where = "tenant_id = %s" + (" AND status = %s" if status else "")
     params: list[Any] = [tenant_id] + ([status] if status else [])
     with conn.cursor(row_factory=dict_row) as cur:
-        total_row = cur.execute(f"SELECT count(*) AS n FROM studies WHERE {where}", params).fetchone()
+        total_row = cur.execute(
+            f"SELECT count(*) AS n FROM studies WHERE {where}", params
+        ).fetchone()
         rows = cur.execute(
             f"SELECT {_STUDY_COLUMNS},"
             " (SELECT count(*) FROM instances i WHERE i.study_id = studies.id) AS instance_count"
@@ -180,7 +182,9 @@ def insert_result(conn: Connection, **fields: Any) -> bool:
     return cur.rowcount == 1
 
 
-def results(conn: Connection, study_id: UUID, *, include_shadow: bool = False) -> list[dict[str, Any]]:
+def results(
+    conn: Connection, study_id: UUID, *, include_shadow: bool = False
+) -> list[dict[str, Any]]:
     arm_filter = "" if include_shadow else " AND arm = 'live'"
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(

@@ -35,8 +35,11 @@ def api(settings_env: dict[str, str]) -> Iterator[TestClient]:
 
 
 def _concrete(path: str) -> str:
-    return path.replace("{study_id}", "00000000-0000-0000-0000-000000000000").replace(
-        "{instance_id}", "00000000-0000-0000-0000-000000000001"
+    return (
+        path.replace("{study_id}", "00000000-0000-0000-0000-000000000000")
+        .replace("{instance_id}", "00000000-0000-0000-0000-000000000001")
+        .replace("{model}", "triage")
+        .replace("{version}", "1")
     )
 
 
@@ -106,8 +109,13 @@ def _no_pixels() -> bytes:
     ids=["non-dicom", "empty", "no-pixel-data"],
 )
 def test_bad_file_alone_is_4xx_naming_file_and_reason_and_stores_nothing(
-    api: TestClient, make_key: Any, database_url: str, storage_dir: Path,
-    filename: str, data: bytes, category: str,
+    api: TestClient,
+    make_key: Any,
+    database_url: str,
+    storage_dir: Path,
+    filename: str,
+    data: bytes,
+    category: str,
 ) -> None:
     key = make_key("uploader")
     before, objects = _counts(database_url), _objects(storage_dir)
@@ -175,10 +183,16 @@ def test_other_tenants_study_is_404(api: TestClient, make_key: Any) -> None:
     )
     assert created.status_code == 202
     study_id = created.json()["id"]
-    assert api.get(f"/v1/studies/{study_id}",
-                   headers={"Authorization": f"Bearer {mine}"}).status_code == 200
-    assert api.get(f"/v1/studies/{study_id}",
-                   headers={"Authorization": f"Bearer {theirs}"}).status_code == 404
+    assert (
+        api.get(f"/v1/studies/{study_id}", headers={"Authorization": f"Bearer {mine}"}).status_code
+        == 200
+    )
+    assert (
+        api.get(
+            f"/v1/studies/{study_id}", headers={"Authorization": f"Bearer {theirs}"}
+        ).status_code
+        == 404
+    )
 
 
 def test_readyz_ready_with_everything_up(api: TestClient) -> None:

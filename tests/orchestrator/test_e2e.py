@@ -63,9 +63,7 @@ def _direct_ort(data: bytes, model: str, version: int) -> dict[str, np.ndarray]:
     return {t.name: v[0] for t, v in zip(spec.outputs, values, strict=True)}
 
 
-@pytest.mark.parametrize(
-    "name", ["CT_small.dcm", "MR_small.dcm"], ids=["ct-small", "mr-small"]
-)
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"], ids=["ct-small", "mr-small"])
 def test_pydicom_study_end_to_end_matches_direct_onnxruntime(
     client: httpx.Client, name: str
 ) -> None:
@@ -107,8 +105,14 @@ def test_chest_study_several_images_and_stat_priority(client: httpx.Client) -> N
     images, labels = load_samples()
     uid = generate_uid()
     files = [
-        ("files", (f"img{i}.dcm", radiograph(images[i], study_uid=uid, instance_number=i,
-                                             priority="STAT"), "application/dicom"))
+        (
+            "files",
+            (
+                f"img{i}.dcm",
+                radiograph(images[i], study_uid=uid, instance_number=i, priority="STAT"),
+                "application/dicom",
+            ),
+        )
         for i in range(4)
     ]
     response = client.post("/v1/studies", files=files)
@@ -123,9 +127,7 @@ def test_chest_study_several_images_and_stat_priority(client: httpx.Client) -> N
     assert len({m for m, _ in versions}) == 2 and len(versions) == 2
 
 
-def test_reads_are_audited_and_listing_pages(
-    client: httpx.Client, database_url: str
-) -> None:
+def test_reads_are_audited_and_listing_pages(client: httpx.Client, database_url: str) -> None:
     listing = client.get("/v1/studies", params={"limit": 1}).json()
     assert listing["total"] >= 1 and len(listing["items"]) == 1
     second = client.get("/v1/studies", params={"limit": 1, "offset": 1}).json()

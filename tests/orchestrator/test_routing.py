@@ -14,8 +14,9 @@ SPLIT_TOLERANCE = 0.05
 
 def test_split_follows_weights_within_tolerance() -> None:
     routes = [Route(1, 50, False), Route(2, 50, False)]
-    counts = collections.Counter(choose("triage", generate_uid(), routes).live
-                                 for _ in range(SPLIT_STUDIES))
+    counts = collections.Counter(
+        choose("triage", generate_uid(), routes).live for _ in range(SPLIT_STUDIES)
+    )
     assert abs(counts[1] / SPLIT_STUDIES - 0.5) < SPLIT_TOLERANCE
 
 

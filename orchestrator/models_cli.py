@@ -1,0 +1,158 @@
+"""``medtriage models ...``: the ML engineer's rollout commands, straight on PostgreSQL + Triton."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import psycopg
+
+from orchestrator import rollout, routing
+from orchestrator.db import upgrade
+from orchestrator.errors import MedtriageError
+from orchestrator.model_control import TritonControl
+from orchestrator.settings import CliSettings
+from orchestrator.triton.config import load_repository
+
+
+def _actor() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    if not rows:
+        return "(none)"
+    cols = list(rows[0])
+    cell = {c: [("-" if r[c] is None else str(r[c])) for r in rows] for c in cols}
+    widths = {c: max(len(c), *(len(v) for v in cell[c])) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
+    for i in range(len(rows)):
+        lines.append("  ".join(cell[c][i].ljust(widths[c]) for c in cols))
+    return "\n".join(lines)
+
+
+def list_models(
+    conn: psycopg.Connection, settings: CliSettings, control: TritonControl | None
+) -> list[dict[str, Any]]:
+    repo = load_repository(settings.model_repository)
+    routing.sync_versions(conn, {m: s.versions for m, s in repo.items()})
+    rows = []
+    for model, spec in sorted(repo.items()):
+        loaded = control.loaded_versions(model) if control else set()
+        routes = {r.version: r for r in routing.load_routes(conn, model)}
+        for version in spec.versions:
+            r = routes.get(version)
+            rows.append(
+                {
+                    "model": model,
+                    "version": version,
+                    "loaded": "yes" if version in loaded else "no",
+                    "weight": r.weight if r and not r.shadow else 0,
+                    "shadow": "yes" if r and r.shadow else "no",
+                }
+            )
+    return rows
+
+
+def run(args: argparse.Namespace, settings: CliSettings) -> int:
+    upgrade(settings.database_url)
+    control = TritonControl(settings.triton_grpc_url)
+    try:
+        with psycopg.connect(settings.database_url) as conn:
+            return _dispatch(args, settings, conn, control)
+    except MedtriageError as exc:
+        print(f"error: {exc.message}")
+        return 2
+    finally:
+        control.close()
+
+
+def _dispatch(
+    args: argparse.Namespace,
+    settings: CliSettings,
+    conn: psycopg.Connection,
+    control: TritonControl,
+) -> int:
+    action = args.models_action
+    if action == "list":
+        print(table(list_models(conn, settings, control)))
+    elif action == "load":
+        print(f"{args.model}: loaded {sorted(control.load(args.model, args.version))}")
+        rollout._event(conn, args.model, "load", _actor(), [], [], {"version": args.version})
+    elif action == "unload":
+        routes = routing.load_routes(conn, args.model)
+        if any(r.version == args.version and not r.shadow for r in routes):
+            rollout.failover(conn, args.model, args.version, actor=_actor(), reason="unload")
+        loaded = control.unload(args.model, args.version)
+        rollout._event(conn, args.model, "unload", _actor(), [], [], {"version": args.version})
+        print(f"{args.model}: loaded {sorted(loaded)}")
+    elif action == "route":
+        routes = rollout.set_weights(
+            conn,
+            args.model,
+            rollout.parse_weights(args.weights),
+            actor=_actor(),
+            loaded=control.loaded_versions(args.model),
+        )
+        print(table([asdict(r) for r in routes]))
+    elif action == "shadow":
+        fn = rollout.add_shadow if args.shadow_action == "add" else rollout.remove_shadow
+        print(table([asdict(r) for r in fn(conn, args.model, args.version, actor=_actor())]))
+    elif action == "compare":
+        stats = rollout.compare(conn, args.model, args.versions)
+        print(table([asdict(s) for s in stats]))
+    elif action == "gate":
+        rollout.set_gate(
+            conn,
+            args.model,
+            rollout.Gate(args.min_results, args.min_agreement, args.max_review_share),
+        )
+        print(asdict(rollout.get_gate(conn, args.model)))
+    elif action == "promote":
+        routes = rollout.promote(
+            conn,
+            args.model,
+            args.version,
+            actor=_actor(),
+            force=args.force,
+            loaded=control.loaded_versions(args.model),
+        )
+        print(table([asdict(r) for r in routes]))
+    elif action == "rollback":
+        print(table([asdict(r) for r in rollout.rollback(conn, args.model, actor=_actor())]))
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    models = sub.add_parser("models", help="model versions, traffic split, shadows, promotion")
+    msub = models.add_subparsers(dest="models_action", required=True)
+    msub.add_parser("list", help="versions, loaded state, weights")
+    for name in ("load", "unload"):
+        p = msub.add_parser(name, help=f"{name} one version in Triton")
+        p.add_argument("model")
+        p.add_argument("version", type=int)
+    p = msub.add_parser("route", help="set the live split, e.g. `route triage 1=90 2=10`")
+    p.add_argument("model")
+    p.add_argument("weights", nargs="+")
+    p = msub.add_parser("shadow", help="`shadow add triage 3` / `shadow remove triage 3`")
+    p.add_argument("shadow_action", choices=["add", "remove"])
+    p.add_argument("model")
+    p.add_argument("version", type=int)
+    p = msub.add_parser("compare", help="side-by-side figures per version")
+    p.add_argument("model")
+    p.add_argument("versions", type=int, nargs="+")
+    p = msub.add_parser("gate", help="set the promotion gate of a model")
+    p.add_argument("model")
+    p.add_argument("--min-results", type=int, default=rollout.Gate.min_results)
+    p.add_argument("--min-agreement", type=float, default=rollout.Gate.min_agreement)
+    p.add_argument("--max-review-share", type=float, default=rollout.Gate.max_review_share)
+    p = msub.add_parser("promote", help="send 100 %% to a version if its gate passes")
+    p.add_argument("model")
+    p.add_argument("version", type=int)
+    p.add_argument("--force", action="store_true")
+    p = msub.add_parser("rollback", help="restore the split before the last change")
+    p.add_argument("model")
+    models.set_defaults(func=run)

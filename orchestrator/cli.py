@@ -78,6 +78,8 @@ def _cmd_triton(args: argparse.Namespace, settings: CliSettings) -> int:
         stack_home / "logs" / "triton.log",
         grpc_port=grpc_port,
         http_port=http_port,
+        model_control="explicit",
+        load_models=sorted(load_repository(settings.model_repository)),
     )
     with proc:
         print(f"Triton ready: grpc {proc.grpc_url}, http {proc.http_url}; Ctrl-C to stop")

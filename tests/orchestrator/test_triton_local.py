@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import os
 import queue
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,13 +25,16 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2 as mc
 
-from orchestrator.triton.config import load_model_spec, read_model_config
+from orchestrator.triton.config import ModelConfigError, load_model_spec, read_model_config
 from orchestrator.triton.local import (
     ORT_THREADS_PARAMETER,
     TritonProcess,
+    TritonRuntimeError,
     default_home,
     install_runtime,
     render_repository,
+    server_env,
+    stub_site_dir,
 )
 
 pytestmark = pytest.mark.integration
@@ -42,6 +47,8 @@ ATOL = 1e-6
 # Every Triton call in a test passes a client timeout (house style 14).
 CLIENT_TIMEOUT_S = 30.0
 BATCH = 5
+# A completed install is one marker read; anything near pip's runtime means it reinstalled.
+NOOP_INSTALL_S = 1.0
 
 # A production-form config: what render_repository must turn into a CPU python-backend model
 # without changing the contract. The ONNX graph's names ("input.1", "out0", "out1") differ from
@@ -318,3 +325,36 @@ def _group_members(pgid: int) -> list[int]:
         except ProcessLookupError:
             continue
     return members
+
+
+def test_second_install_is_a_noop(home: Path) -> None:
+    started = time.monotonic()
+    install_runtime(home)
+    assert time.monotonic() - started < NOOP_INSTALL_S
+
+
+def test_stub_sees_numpy_1_and_its_own_venv_first(home: Path) -> None:
+    # numpy 2 in the stub = empty outputs with no error; the venv on PATH is how the stub's
+    # isolated embedded Python finds its site-packages.
+    site = stub_site_dir(home)
+    assert [p.name for p in site.glob("numpy-1.*.dist-info")], "stub runtime must pin numpy<2"
+    env = server_env(home, {"PATH": "/usr/bin", "PYTHONPATH": "/elsewhere"})
+    assert env["PATH"].split(os.pathsep)[0] == str(site.parents[2] / "bin")
+    assert "PYTHONPATH" not in env
+
+
+def test_render_refuses_a_foreign_directory(production_repo: Path, tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("not ours")
+
+    with pytest.raises(TritonRuntimeError, match="not rendered by medtriage"):
+        render_repository(production_repo, tmp_path)
+    assert (tmp_path / "precious.txt").exists()
+
+
+def test_render_needs_each_versions_onnx(production_repo: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(production_repo, src)
+    (src / MODEL / "3").mkdir()
+
+    with pytest.raises(ModelConfigError, match="model.onnx"):
+        render_repository(src, tmp_path / "out")

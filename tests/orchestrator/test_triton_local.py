@@ -144,7 +144,7 @@ def rendered(production_repo: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
-def triton(
+def toy_server(
     home: Path, rendered: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TritonProcess]:
     log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
@@ -153,8 +153,8 @@ def triton(
 
 
 @pytest.fixture(scope="module")
-def client(triton: TritonProcess) -> Iterator[grpcclient.InferenceServerClient]:
-    with grpcclient.InferenceServerClient(triton.grpc_url) as c:
+def client(toy_server: TritonProcess) -> Iterator[grpcclient.InferenceServerClient]:
+    with grpcclient.InferenceServerClient(toy_server.grpc_url) as c:
         yield c
 
 
@@ -173,8 +173,9 @@ def _infer(
     version: int,
     images: np.ndarray,
     outputs: tuple[str, ...],
+    input_name: str = "image",
 ) -> list[np.ndarray]:
-    inp = grpcclient.InferInput("image", list(images.shape), "FP32")
+    inp = grpcclient.InferInput(input_name, list(images.shape), "FP32")
     inp.set_data_from_numpy(images)
     result = client.infer(
         model,
@@ -276,8 +277,8 @@ def test_concurrent_requests_are_batched_and_split_back(
         np.testing.assert_allclose(got, want_probs, rtol=RTOL, atol=ATOL)
 
 
-def test_metrics_port_answers(triton: TritonProcess) -> None:
-    text = httpx.get(triton.metrics_url, timeout=CLIENT_TIMEOUT_S).text
+def test_metrics_port_answers(toy_server: TritonProcess) -> None:
+    text = httpx.get(toy_server.metrics_url, timeout=CLIENT_TIMEOUT_S).text
     assert "nv_inference_request_success" in text
 
 

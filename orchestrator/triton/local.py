@@ -335,11 +335,19 @@ def to_python_backend(
 # process
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    """A port the OS says is free now (another process may still take it before Triton does)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """``count`` distinct ports the OS says are free now.
+
+    All sockets stay open until every port is picked, so the OS cannot hand out one twice;
+    another process may still take one before Triton binds it (Triton then exits at start).
+    """
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def server_env(home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -389,9 +397,10 @@ class TritonProcess:
         self.home = home.resolve()
         self.model_repository = model_repository.resolve()
         self.log_file = log_file
-        self.grpc_port = grpc_port or free_port()
-        self.http_port = http_port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        spare = iter(free_ports(3))
+        self.grpc_port = grpc_port or next(spare)
+        self.http_port = http_port or next(spare)
+        self.metrics_port = metrics_port or next(spare)
         self.model_control: ModelControl = model_control
         self.load_models = tuple(load_models or ())
         self.extra_args = tuple(extra_args)

@@ -1,0 +1,224 @@
+"""DICOM dataset → model tensor + JPEG preview.
+
+decode one frame → downsample to preview size (integer or float32, INTER_AREA) → modality
+LUT → VOI window → MONOCHROME1 inversion → colour → preview JPEG; then resize to the model
+input, normalise. Full-size float work and full-size sorts are avoided: a 2048×2500 16-bit
+radiograph is reduced to ≤512 px before any float conversion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import cv2
+import numpy as np
+from pydicom import Dataset
+from pydicom.pixels import apply_color_lut
+
+from preprocess.decode import decode_frame, frame_policy, is_lossy, transfer_syntax
+from preprocess.errors import DecodeError, MalformedImageError
+from preprocess.window import modality, voi
+
+# Longest side of the JPEG preview, and its quality.
+DEFAULT_PREVIEW_MAX_SIZE = 512
+DEFAULT_PREVIEW_QUALITY = 85
+# Luminance weights (ITU-R BT.601) for colour → grayscale.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a model wants its input (``model_repository/<model>/preprocess.json``)."""
+
+    color: str = "grayscale"  # grayscale | rgb
+    window: str = "auto"  # auto (tags, else automatic) | minmax (ignore tags)
+    resize: str = "area"  # area | linear
+    keep_aspect: bool = False
+    mean: float = 0.5
+    std: float = 0.5
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PreprocessSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"comment"})
+        if unknown:
+            raise ValueError(f"unknown preprocess settings {unknown}; known: {sorted(known)}")
+        spec = cls(**{k: v for k, v in d.items() if k in known})
+        if spec.color not in ("grayscale", "rgb") or spec.window not in ("auto", "minmax"):
+            raise ValueError(f"unsupported preprocess spec {spec}")
+        if spec.resize not in ("area", "linear") or spec.std <= 0:
+            raise ValueError(f"unsupported preprocess spec {spec}")
+        return spec
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    tensor: np.ndarray  # float32, exactly the model's input shape (C, H, W)
+    preview_jpeg: bytes
+    warnings: tuple[str, ...]
+    frame_index: int
+    source: dict[str, Any]
+
+
+def _interp(spec: PreprocessSpec) -> int:
+    return cv2.INTER_AREA if spec.resize == "area" else cv2.INTER_LINEAR
+
+
+def _fit(shape: tuple[int, int], longest: int) -> tuple[int, int]:
+    rows, cols = shape
+    scale = min(1.0, longest / max(rows, cols))
+    return max(1, round(rows * scale)), max(1, round(cols * scale))
+
+
+def _shrink(arr: np.ndarray, size: tuple[int, int], interp: int) -> np.ndarray:
+    if arr.shape[:2] == size:
+        return arr
+    if arr.dtype not in (np.uint8, np.uint16, np.int16, np.float32, np.float64) or arr.dtype == np.float64:
+        arr = arr.astype(np.float32)
+    # cv2 takes (width, height).
+    return np.asarray(cv2.resize(arr, (size[1], size[0]), interpolation=interp))
+
+
+def _display(arr: np.ndarray, ds: Dataset, spec: PreprocessSpec) -> tuple[np.ndarray, list[str]]:
+    """Decoded frame → display values in [0, 1]: (rows, cols) gray or (rows, cols, 3) RGB."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    warnings: list[str] = []
+    if photometric == "PALETTE COLOR":
+        rgb = np.asarray(apply_color_lut(arr, ds))
+        warnings.append("palette_color")
+        peak = 255.0 if rgb.dtype == np.uint8 else float(max(1, int(rgb.max())))
+        return rgb.astype(np.float32) / np.float32(peak), warnings
+    if arr.ndim == 3:  # RGB or YBR (pydicom converts YBR to RGB)
+        bits = int(ds.get("BitsStored", 8) or 8)
+        return arr.astype(np.float32) / np.float32((1 << bits) - 1), warnings
+    values = modality(arr, ds)
+    if spec.window == "minmax":
+        lo, hi = float(values.min()), float(values.max())
+        display = (values - lo) / (hi - lo if hi > lo else 1.0)
+    else:
+        display, voi_warnings = voi(values, ds, mode=spec.window)
+        warnings += voi_warnings
+    if photometric == "MONOCHROME1":
+        display = 1.0 - display
+        warnings.append("monochrome1_inverted")
+    elif photometric not in ("MONOCHROME2", ""):
+        warnings.append(f"unusual_photometric:{photometric.replace(' ', '_').lower()}")
+    return display.astype(np.float32, copy=False), warnings
+
+
+def _jpeg(display: np.ndarray, quality: int) -> bytes:
+    img = np.clip(display * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(
+        ".jpg",
+        img,
+        [
+            cv2.IMWRITE_JPEG_QUALITY,
+            quality,
+            cv2.IMWRITE_JPEG_PROGRESSIVE,
+            1,
+            cv2.IMWRITE_JPEG_OPTIMIZE,
+            1,
+        ],
+    )
+    if not ok:
+        raise DecodeError("JPEG preview could not be encoded")
+    return bytes(buf)
+
+
+def _to_input(display: np.ndarray, spec: PreprocessSpec, shape: tuple[int, int, int]) -> np.ndarray:
+    channels, height, width = shape
+    if spec.color == "grayscale" and display.ndim == 3:
+        display = display @ _LUMA
+    elif spec.color == "rgb" and display.ndim == 2:
+        display = np.repeat(display[:, :, None], 3, axis=2)
+    if spec.keep_aspect:
+        rows, cols = display.shape[:2]
+        scale = min(height / rows, width / cols)
+        inner = (max(1, round(rows * scale)), max(1, round(cols * scale)))
+        small = _shrink(display, inner, _interp(spec))
+        canvas = np.zeros((height, width, *display.shape[2:]), dtype=np.float32)
+        top, left = (height - inner[0]) // 2, (width - inner[1]) // 2
+        canvas[top : top + inner[0], left : left + inner[1]] = small
+        small = canvas
+    else:
+        small = _shrink(display, (height, width), _interp(spec))
+    small = (small.astype(np.float32) - np.float32(spec.mean)) / np.float32(spec.std)
+    tensor = small[None] if small.ndim == 2 else np.transpose(small, (2, 0, 1))
+    if tensor.shape != shape:
+        raise MalformedImageError(f"cannot shape the image into the model input {shape}")
+    return np.ascontiguousarray(tensor, dtype=np.float32)
+
+
+def preprocess(
+    ds: Dataset,
+    spec: PreprocessSpec,
+    input_shape: tuple[int, int, int],
+    *,
+    preview_max_size: int = DEFAULT_PREVIEW_MAX_SIZE,
+    preview_quality: int = DEFAULT_PREVIEW_QUALITY,
+) -> Preprocessed:
+    """Reads (0028,0008) NumberOfFrames, (0028,0004) PhotometricInterpretation, the modality
+    and VOI attributes (see ``window``), (0028,2110) LossyImageCompression.
+
+    Every failure is a PreprocessError: malformed attributes that slip past pydicom's
+    parser surface here as MalformedImageError, never as a stray TypeError."""
+    try:
+        return _preprocess(ds, spec, input_shape, preview_max_size, preview_quality)
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError, ZeroDivisionError) as exc:
+        raise MalformedImageError(
+            f"image attributes are inconsistent ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _preprocess(
+    ds: Dataset,
+    spec: PreprocessSpec,
+    input_shape: tuple[int, int, int],
+    preview_max_size: int,
+    preview_quality: int,
+) -> Preprocessed:
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    index = frame_policy(frames)
+    arr = decode_frame(ds, index, frames)
+    warnings: list[str] = []
+    if frames > 1:
+        warnings.append(f"frames_dropped:{frames - 1}")
+    if is_lossy(ds):
+        warnings.append("lossy_source")
+    if arr.ndim == 3 and arr.shape[2] not in (3, 4):
+        raise MalformedImageError(f"unexpected decoded shape {arr.shape}")
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    # Palette indices must not be averaged; apply the LUT at full size for those.
+    if photometric != "PALETTE COLOR":
+        arr = _shrink(arr, _fit(arr.shape[:2], preview_max_size), cv2.INTER_AREA)
+    display, display_warnings = _display(arr, ds, spec)
+    if photometric == "PALETTE COLOR":
+        display = _shrink(display, _fit(display.shape[:2], preview_max_size), cv2.INTER_AREA)
+    warnings += display_warnings
+    if not np.all(np.isfinite(display)):
+        display = np.nan_to_num(display, nan=0.0, posinf=1.0, neginf=0.0)
+        warnings.append("non_finite_values")
+    tensor = _to_input(display, spec, input_shape)
+    return Preprocessed(
+        tensor=tensor,
+        preview_jpeg=_jpeg(display, preview_quality),
+        warnings=tuple(warnings),
+        frame_index=index,
+        source={
+            "rows": int(ds.get("Rows", 0) or 0),
+            "columns": int(ds.get("Columns", 0) or 0),
+            "frames": frames,
+            "photometric": photometric,
+            "transfer_syntax_uid": transfer_syntax(ds),
+            "modality": str(ds.get("Modality", "")),
+            "bits_stored": int(ds.get("BitsStored", 0) or 0),
+        },
+    )

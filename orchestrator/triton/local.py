@@ -283,9 +283,10 @@ def _render_model(
             raise ModelConfigError(
                 onnx, "missing: the python-backend rendering serves ONNX models only"
             )
+        # The whole version directory, not just the graph: readers of the rendered repository
+        # find the same side files (model cards, calibration references) as in production.
         version_dest = dest / str(version)
-        version_dest.mkdir()
-        shutil.copy2(onnx, version_dest / ONNX_FILENAME)
+        shutil.copytree(src / str(version), version_dest)
         (version_dest / "model.py").write_text(model_py, encoding="utf-8")
     for name in _side_files(config):
         if not (src / name).is_file():

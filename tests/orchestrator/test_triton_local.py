@@ -2,7 +2,9 @@
 
 A tiny production-form repository (backend onnxruntime, KIND_GPU, TensorRT accelerator) with two
 versions that compute different things is rendered for the python backend and served; every
-answer is compared with ONNX Runtime run in this process on the same input.
+answer is compared with ONNX Runtime run in this process on the same input. The real
+model_repository (trained triage/analysis models) is rendered and checked the same way; a missing
+model.onnx there is an error, never a skip.
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ def production_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for version, (seed, scale) in {1: (1, 1.0), 2: (2, 3.0)}.items():
         (model_dir / str(version)).mkdir(parents=True)
         onnx.save(_toy_onnx(seed, scale), model_dir / str(version) / "model.onnx")
+        (model_dir / str(version) / "card.json").write_text(f"v{version}")
     (model_dir / "config.pbtxt").write_text(TOY_CONFIG)
     (model_dir / "labels.txt").write_text("normal\nabnormal\n")
     (model_dir / "preprocess.json").write_text('{"mean": 0.5, "std": 0.5}')
@@ -213,6 +216,7 @@ def test_rendered_config_keeps_contract_and_runs_on_cpu(rendered: Path) -> None:
     assert spec.preprocess == {"mean": 0.5, "std": 0.5}
     for version in (1, 2):
         assert (rendered / MODEL / str(version) / "model.py").is_file()
+        assert (rendered / MODEL / str(version) / "card.json").read_text() == f"v{version}"
 
 
 @pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
@@ -359,3 +363,48 @@ def test_render_needs_each_versions_onnx(production_repo: Path, tmp_path: Path) 
 
     with pytest.raises(ModelConfigError, match="model.onnx"):
         render_repository(src, tmp_path / "out")
+
+
+# --------------------------------------------------------------------------------------------
+# The real model_repository: the trained triage/analysis models, rendered and served.
+
+REAL_MODELS = ("triage", "analysis")
+REAL_BATCH = 3
+
+
+@pytest.fixture(scope="module")
+def real_server(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
+    # No skip when the ONNX files are missing: render_repository raises, the test errors.
+    work = tmp_path_factory.mktemp("real")
+    rendered_real = render_repository(REPO_ROOT / "model_repository", work / "repo")
+    with TritonProcess(home, rendered_real, work / "tritonserver.log") as server:
+        yield server
+
+
+def _real_cases() -> list[tuple[str, int]]:
+    return [
+        (name, version)
+        for name in REAL_MODELS
+        for version in load_model_spec(REPO_ROOT / "model_repository", name).versions
+    ]
+
+
+@pytest.mark.parametrize(("name", "version"), _real_cases(), ids=lambda case: str(case))
+def test_real_repository_equals_onnxruntime(
+    real_server: TritonProcess, name: str, version: int
+) -> None:
+    repo = REPO_ROOT / "model_repository"
+    spec = load_model_spec(repo, name)
+    (image,) = spec.inputs
+    images = _images(REAL_BATCH, seed=version).reshape(REAL_BATCH, *image.dims)
+    session = ort.InferenceSession(str(repo / name / str(version) / "model.onnx"))
+    # Same position mapping as model.py: the graph's names may differ from config.pbtxt's.
+    want = session.run(None, {session.get_inputs()[0].name: images})
+
+    with grpcclient.InferenceServerClient(real_server.grpc_url) as c:
+        got = _infer(c, name, version, images, tuple(t.name for t in spec.outputs), image.name)
+
+    # strict=False: model.py answers the config's outputs from the graph's first ones.
+    for tensor, array, expected in zip(spec.outputs, got, want, strict=False):
+        assert array.shape == (REAL_BATCH, *tensor.dims), tensor.name
+        np.testing.assert_allclose(array, expected, rtol=RTOL, atol=ATOL, err_msg=tensor.name)

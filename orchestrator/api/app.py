@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +29,19 @@ log = logging.getLogger(__name__)
 PUBLIC_PATHS = frozenset(
     {"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
 )
+
+
+def iter_routes(routes: list[Any], prefix: str = "") -> Iterator[tuple[str, set[str]]]:
+    """Every (path, methods) the app serves, through FastAPI's included-router wrappers."""
+    for route in routes:
+        nested = getattr(route, "original_router", None)
+        if nested is not None:
+            context = getattr(route, "include_context", None)
+            yield from iter_routes(nested.routes, prefix + getattr(context, "prefix", ""))
+        elif hasattr(route, "routes") and not hasattr(route, "methods"):
+            yield from iter_routes(route.routes, prefix + getattr(route, "path", ""))
+        elif getattr(route, "methods", None):
+            yield prefix + route.path, set(route.methods) - {"HEAD", "OPTIONS"}
 
 
 def _services(settings: ApiSettings) -> Services:

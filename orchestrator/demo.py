@@ -153,7 +153,10 @@ def main(settings: CliSettings, *, workers: int = 2, out: str | None = None) -> 
             if response.status_code != 202:
                 print(f"  {study['name']}: HTTP {response.status_code}: {body}")
                 continue
-            submitted.append((study["name"], body["id"]))
+            # One request can carry several studies (CT and MR here): follow each.
+            for n, created in enumerate(body["studies"]):
+                suffix = f"#{n + 1}" if len(body["studies"]) > 1 else ""
+                submitted.append((study["name"] + suffix, created["id"]))
         rows = []
         failures = 0
         for name, study_id in submitted:

@@ -46,7 +46,7 @@ def radiograph(
 ) -> bytes:
     """A CR instance (16-bit container, 12 bits stored) whose window maps back to the image."""
     big = cv2.resize(image_u8, (size, size), interpolation=cv2.INTER_CUBIC)
-    pixels = (big.astype(np.uint16) * ((1 << BITS_STORED) - 1) // 255).astype(np.uint16)
+    pixels = (big.astype(np.uint32) * ((1 << BITS_STORED) - 1) // 255).astype(np.uint16)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()

@@ -37,15 +37,17 @@ def radiograph(
     *,
     study_uid: str,
     series_uid: str | None = None,
-    size: int = DEFAULT_SIZE,
+    size: int | tuple[int, int] = DEFAULT_SIZE,
     instance_number: int = 1,
     priority: str | None = None,
+    modality: str = "CR",
     patient_name: str = "DEMO^PATIENT",
     patient_id: str = "DEMO-0001",
     accession: str = "DEMO-ACC",
 ) -> bytes:
     """A CR instance (16-bit container, 12 bits stored) whose window maps back to the image."""
-    big = cv2.resize(image_u8, (size, size), interpolation=cv2.INTER_CUBIC)
+    rows, cols = (size, size) if isinstance(size, int) else size
+    big = cv2.resize(image_u8, (cols, rows), interpolation=cv2.INTER_CUBIC)
     pixels = (big.astype(np.uint32) * ((1 << BITS_STORED) - 1) // 255).astype(np.uint16)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
@@ -61,7 +63,7 @@ def radiograph(
     now = datetime.now()
     ds.StudyDate = now.strftime("%Y%m%d")
     ds.StudyTime = now.strftime("%H%M%S")
-    ds.Modality = "CR"
+    ds.Modality = modality
     ds.BodyPartExamined = "CHEST"
     ds.PatientName = patient_name
     ds.PatientID = patient_id

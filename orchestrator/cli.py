@@ -21,12 +21,16 @@ def _cmd_keys_create(args: argparse.Namespace, settings: CliSettings) -> int:
     import psycopg
 
     from orchestrator.db import upgrade
-    from orchestrator.db.keys import create_key
+    from orchestrator.db.keys import create_key, parse_duration
 
     upgrade(settings.database_url)
     with psycopg.connect(settings.database_url) as conn:
         key_id, key = create_key(
-            conn, tenant=args.tenant, name=args.name or args.role, role=args.role
+            conn,
+            tenant=args.tenant,
+            name=args.name or args.role,
+            role=args.role,
+            expires_in=parse_duration(args.expires_in) if args.expires_in else None,
         )
     print(key if args.quiet else f"key id {key_id}, role {args.role}, tenant {args.tenant}\n{key}")
     print("(shown once; store it now)", file=sys.stderr)
@@ -115,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--tenant", default="default")
     create.add_argument("--name", default=None)
     create.add_argument("--quiet", action="store_true", help="print only the key")
+    create.add_argument("--expires-in", default=None, help="e.g. 90d, 12h (default: never)")
     create.set_defaults(func=_cmd_keys_create)
+    from orchestrator.security import cli as security_cli
+
+    security_cli.add_key_commands(keys)
+    security_cli.add_parser(sub)
 
     sub.add_parser("api", help="run the HTTP API").set_defaults(func=_cmd_api)
     worker = sub.add_parser("worker", help="run RQ worker process(es)")

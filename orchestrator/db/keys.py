@@ -6,11 +6,12 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 from psycopg import Connection
-from psycopg.rows import class_row
+from psycopg.rows import class_row, dict_row
 
 ROLES = ("uploader", "reviewer", "ml-engineer", "sre", "admin")
 _PREFIX_BYTES = 6
@@ -52,17 +53,26 @@ def ensure_tenant(conn: Connection, name: str) -> UUID:
     return UUID(str(row[0]))
 
 
-def create_key(conn: Connection, *, tenant: str, name: str, role: str) -> tuple[UUID, str]:
+def create_key(
+    conn: Connection,
+    *,
+    tenant: str,
+    name: str,
+    role: str,
+    expires_in: timedelta | None = None,
+) -> tuple[UUID, str]:
     """Create a key and return (id, the key). The key is not recoverable afterwards."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
+    if expires_in is not None and expires_in <= timedelta(0):
+        raise ValueError("expires_in must be positive")
     tenant_id = ensure_tenant(conn, tenant)
     prefix = secrets.token_hex(_PREFIX_BYTES)
     key = f"mt_{prefix}_{secrets.token_urlsafe(_SECRET_BYTES)}"
     row = conn.execute(
-        "INSERT INTO api_keys (tenant_id, name, prefix, key_hash, role)"
-        " VALUES (%s, %s, %s, %s, %s) RETURNING id",
-        (tenant_id, name, prefix, hash_key(key), role),
+        "INSERT INTO api_keys (tenant_id, name, prefix, key_hash, role, expires_at)"
+        " VALUES (%s, %s, %s, %s, %s, now() + %s) RETURNING id",
+        (tenant_id, name, prefix, hash_key(key), role, expires_in),
     ).fetchone()
     assert row is not None
     return UUID(str(row[0])), key
@@ -85,3 +95,39 @@ def authenticate(conn: Connection, key: str) -> Principal | None:
     if row.revoked_at is not None or row.expired:
         return None
     return Principal(key_id=row.id, tenant_id=row.tenant_id, name=row.name, role=row.role)
+
+
+def list_keys(conn: Connection, *, tenant: str | None = None) -> list[dict[str, Any]]:
+    """Every key's public facts (never the hash): id, tenant, name, prefix, role, dates."""
+    sql = (
+        "SELECT k.id, t.name AS tenant, k.name, k.prefix, k.role, k.created_at, k.expires_at,"
+        " k.revoked_at, k.last_used_at FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
+    )
+    params: tuple[Any, ...] = ()
+    if tenant is not None:
+        sql += " WHERE t.name = %s"
+        params = (tenant,)
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(sql + " ORDER BY k.created_at, k.id", params).fetchall()
+
+
+def revoke_key(conn: Connection, key: str) -> bool:
+    """Revoke by id or prefix; return whether a live key was revoked."""
+    try:
+        where, value = "id = %s", str(UUID(key))
+    except ValueError:
+        where, value = "prefix = %s", key
+    row = conn.execute(
+        f"UPDATE api_keys SET revoked_at = now() WHERE {where} AND revoked_at IS NULL RETURNING id",
+        (value,),
+    ).fetchone()
+    return row is not None
+
+
+def parse_duration(text: str) -> timedelta:
+    """'90d', '12h', '30m', '45s' → timedelta (for --expires-in)."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    text = text.strip().lower()
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+        raise ValueError(f"duration {text!r}: write a number and a unit, e.g. 90d, 12h, 30m")
+    return timedelta(seconds=int(text[:-1]) * units[text[-1]])

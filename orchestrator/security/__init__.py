@@ -1,0 +1,2 @@
+"""Patient data protection: identity (OIDC tokens, break-glass), encryption at rest, TLS,
+rate limits, SSRF checks and the security commands of the CLI."""

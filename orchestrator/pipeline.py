@@ -18,10 +18,11 @@ import numpy as np
 from psycopg_pool import ConnectionPool
 
 import preprocess
-from orchestrator import findings, report, routing
+from orchestrator import events, findings, metrics, report, routing
 from orchestrator.db import studies as db
 from orchestrator.db.studies import StudyStatus
 from orchestrator.errors import DependencyUnavailable, InferenceError, ModelUnavailable
+from orchestrator.events import EventPublisher
 from orchestrator.inference import PRIORITY_DEFAULT, PRIORITY_STAT, InferenceClient, batches
 from orchestrator.settings import WorkerSettings
 from orchestrator.storage import ObjectStore, preview_key, report_key
@@ -48,6 +49,7 @@ class WorkerContext:
     inference: InferenceClient
     models: dict[str, ModelSpec]
     worker_name: str = "worker"
+    events: EventPublisher | None = None
 
 
 @dataclass
@@ -157,6 +159,7 @@ def _run_model(
             live_runs = _infer_chunks(ctx, spec, choice.live, prepared, priority)
             break
         except ModelUnavailable as exc:
+            metrics.inference_error(model, choice.live, "live", exc)
             with ctx.pool.connection() as conn:
                 routes = routing.load_routes(conn, model)
                 others = [r for r in routes if not r.shadow and r.version != choice.live]
@@ -172,15 +175,18 @@ def _run_model(
         try:
             runs.append(("shadow", version, _infer_chunks(ctx, spec, version, prepared, priority)))
         except InferenceError as exc:
+            metrics.inference_error(model, version, "shadow", exc)
             log.warning("shadow %s v%s failed: %s", model, version, type(exc).__name__)
     live: dict[UUID, tuple[str, float]] = {}
     for arm, version, chunks in runs:
         for chunk, outputs, elapsed_ms in chunks:
+            metrics.observe_inference(model, version, arm, elapsed_ms / 1e3, len(chunk))
             if arm == "live":
                 clock.timings[model] = clock.timings.get(model, 0.0) + elapsed_ms
             with ctx.pool.connection() as conn:
                 for i, item in enumerate(chunk):
                     label, confidence, found = describe(spec, outputs, i)
+                    metrics.observe_prediction(model, version, arm, label, confidence)
                     db.insert_result(
                         conn,
                         study_id=study["id"],
@@ -275,17 +281,23 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
             ).fetchone()
             clock.timings["queue_wait"] = float(row[0]) if row and row[0] is not None else 0.0
         attempt = db.start_attempt(conn, job_id=job_id, worker=ctx.worker_name)
+        if attempt > 1:
+            metrics.JOB_RETRIES.inc()
         rows = [r for r in db.instances(conn, study_id) if r["status"] != "failed"]
+        events.publish(ctx.events, study, "processing")
 
     try:
         prepared, failed = _prepare(ctx, study, rows, clock)
+        events.publish(ctx.events, study, "preprocess")
         with ctx.pool.connection() as conn:
             for instance_id, reason in failed.items():
                 db.finish_instance(conn, instance_id, status="failed", error=reason)
         triage: dict[UUID, tuple[str, float]] = {}
         if prepared:
             triage = _run_model(ctx, TRIAGE_MODEL, study, prepared, clock, _describe_triage)
+            events.publish(ctx.events, study, "triage")
             _run_model(ctx, ANALYSIS_MODEL, study, prepared, clock, _describe_analysis)
+            events.publish(ctx.events, study, "analysis")
         with ctx.pool.connection() as conn:
             for p in prepared:
                 db.finish_instance(conn, p.instance_id, status="done", warnings=list(p.warnings))
@@ -324,6 +336,8 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
             db.finish_attempt(
                 conn, job_id=job_id, attempt=attempt, outcome="failed", error=str(exc)
             )
+        metrics.observe_study("failed", clock.timings, 0, len(rows))
+        events.publish(ctx.events, study, "failed", "failed")
         raise
 
     clock.timings["total_worker"] = (time.perf_counter() - started) * 1e3
@@ -331,4 +345,6 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
         db.merge_timings(conn, study_id, clock.timings)
         db.set_status(conn, study_id, final, expected=(StudyStatus.PROCESSING,), error=error)
         db.finish_attempt(conn, job_id=job_id, attempt=attempt, outcome="finished")
+    metrics.observe_study(final.value, clock.timings, len(prepared), len(failed))
+    events.publish(ctx.events, study, "report", final.value)
     return final.value

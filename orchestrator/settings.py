@@ -58,6 +58,9 @@ class ApiSettings(CommonSettings):
     # How long the API waits for a dependency in /readyz before calling it down.
     readiness_timeout_s: float = 2.0
     page_size_max: int = 200
+    # Drift gauges: the newest N live results per model version, recomputed at most this often.
+    drift_window: int = 1000
+    drift_refresh_s: float = 30.0
 
 
 class WorkerSettings(CommonSettings):
@@ -72,6 +75,11 @@ class WorkerSettings(CommonSettings):
     review_confidence_threshold: float = 0.75
     # Instances per Triton request (bounded by the model's max_batch_size).
     infer_batch_size: int = Field(default=32, ge=1)
+    # Each worker process serves its metrics on the first free port of
+    # [worker_metrics_port, worker_metrics_port + worker_metrics_port_span); 0 = off.
+    worker_metrics_port: int = 9200
+    worker_metrics_port_span: int = 100
+    worker_metrics_address: str = "127.0.0.1"
 
 
 class CliSettings(ApiSettings, WorkerSettings):

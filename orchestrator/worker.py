@@ -19,8 +19,8 @@ from uuid import UUID
 from rq import Queue, SimpleWorker
 from rq.job import Job
 
+from orchestrator import events, metrics, routing
 from orchestrator import queue as jobqueue
-from orchestrator import routing
 from orchestrator.db import connect_pool, upgrade
 from orchestrator.inference import TritonInference
 from orchestrator.pipeline import WorkerContext, process_study
@@ -45,7 +45,8 @@ def run_study_job(study_id: str) -> str:
 
     job: Job | None = get_current_job()
     jid = job.id if job is not None else jobqueue.job_id(UUID(study_id))
-    return process_study(_CONTEXT, UUID(study_id), jid)
+    with metrics.JOBS_IN_FLIGHT.track_inprogress():
+        return process_study(_CONTEXT, UUID(study_id), jid)
 
 
 def build_context(settings: WorkerSettings, name: str) -> WorkerContext:
@@ -64,7 +65,10 @@ def build_context(settings: WorkerSettings, name: str) -> WorkerContext:
     store = open_store(
         settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
     )
-    return WorkerContext(settings, pool, store, inference, models, worker_name=name)
+    publisher = events.EventPublisher(jobqueue.connect(settings.redis_url), settings.queue_prefix)
+    return WorkerContext(
+        settings, pool, store, inference, models, worker_name=name, events=publisher
+    )
 
 
 def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
@@ -73,6 +77,14 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
     name = f"{socket.gethostname()}-{os.getpid()}"
     _CONTEXT = build_context(settings, name)
     redis = jobqueue.connect(settings.redis_url)
+    port = metrics.serve_worker_metrics(
+        settings.worker_metrics_port,
+        settings.worker_metrics_port_span,
+        settings.worker_metrics_address,
+    )
+    if port is not None:
+        host = metrics.advertised_host(settings.worker_metrics_address)
+        metrics.register_endpoint(redis, settings.queue_prefix, name, host, port)
     worker = SimpleWorker(
         [Queue(settings.queue_name, connection=redis)], connection=redis, name=name
     )
@@ -80,6 +92,7 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
     try:
         worker.work(burst=burst, logging_level="WARNING", with_scheduler=True)
     finally:
+        metrics.unregister_endpoint(redis, settings.queue_prefix, name)
         _CONTEXT.pool.close()
 
 

@@ -16,7 +16,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from orchestrator import metrics
 from orchestrator import queue as jobqueue
-from orchestrator.api import admin as admin_api
 from orchestrator.api import events, health, metrics_collectors, models, studies
 from orchestrator.api.deps import Services
 from orchestrator.db import connect_pool, upgrade
@@ -82,15 +81,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
             app.state.services.pool.close()
             app.state.services.redis.close()
 
-    # Production turns the API description off (settings.docs_enabled).
-    docs: dict[str, Any] = (
-        {} if settings.docs_enabled else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    )
-    app = FastAPI(title="medtriage", version="0.1.0", lifespan=lifespan, **docs)
+    app = FastAPI(title="medtriage", version="0.1.0", lifespan=lifespan)
     app.include_router(health.router)
     app.include_router(studies.router)
     app.include_router(models.router)
-    app.include_router(admin_api.router)
     app.include_router(events.router)
 
     @app.get("/metrics", include_in_schema=False)
@@ -119,9 +113,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
 
     @app.exception_handler(MedtriageError)
     async def medtriage_error(request: Request, exc: MedtriageError) -> JSONResponse:
-        headers = getattr(exc, "headers", None)  # e.g. RateLimited's Retry-After
-        if isinstance(exc, DependencyUnavailable):
-            headers = {"Retry-After": "5"}
+        headers = {"Retry-After": "5"} if isinstance(exc, DependencyUnavailable) else None
         if exc.http_status >= 500:
             log.warning("%s %s -> %s", request.method, request.url.path, type(exc).__name__)
         return JSONResponse(

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -18,10 +19,11 @@ import numpy as np
 from psycopg_pool import ConnectionPool
 
 import preprocess
-from orchestrator import events, findings, metrics, report, routing
+from orchestrator import events, findings, metrics, report, retry, routing
+from orchestrator.db import claims
 from orchestrator.db import studies as db
 from orchestrator.db.studies import StudyStatus
-from orchestrator.errors import DependencyUnavailable, InferenceError, ModelUnavailable
+from orchestrator.errors import InferenceError, ModelUnavailable
 from orchestrator.events import EventPublisher
 from orchestrator.inference import PRIORITY_DEFAULT, PRIORITY_STAT, InferenceClient, batches
 from orchestrator.settings import WorkerSettings
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 TRIAGE_MODEL = "triage"
 ANALYSIS_MODEL = "analysis"
 # Errors worth another attempt of the whole job; everything else fails the study at once.
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (ModelUnavailable, DependencyUnavailable)
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = retry.TRANSIENT
 REASON_LOW_CONFIDENCE = "low_confidence"
 REASON_INSTANCE_FAILED = "instance_failed"
 REASON_LOSSY_SOURCE = "lossy_source"
@@ -77,7 +79,7 @@ def _prepare(
     failed: dict[UUID, str] = {}
     for row in rows:
         t0 = time.perf_counter()
-        data = ctx.store.get(row["object_key"])
+        data = retry.call(partial(ctx.store.get, row["object_key"]), what="store.get")
         clock.add("fetch", t0)
         t0 = time.perf_counter()
         try:
@@ -97,7 +99,10 @@ def _prepare(
         clock.add("preprocess", t0)
         t0 = time.perf_counter()
         key = preview_key(str(study["tenant_id"]), str(study["id"]), str(row["id"]))
-        ctx.store.put(key, out.preview_jpeg, content_type="image/jpeg")
+        retry.call(
+            partial(ctx.store.put, key, out.preview_jpeg, content_type="image/jpeg"),
+            what="store.put",
+        )
         clock.add("store", t0)
         with ctx.pool.connection() as conn:
             db.finish_instance(
@@ -120,12 +125,16 @@ def _infer_chunks(
         chunk = prepared[part]
         batch = np.stack([p.tensor for p in chunk]).astype(np.float32, copy=False)
         t0 = time.perf_counter()
-        outputs = ctx.inference.infer(
-            spec,
-            version,
-            {spec.inputs[0].name: batch},
-            priority=priority,
-            timeout_s=ctx.settings.triton_timeout_s,
+        outputs = retry.call(
+            partial(
+                ctx.inference.infer,
+                spec,
+                version,
+                {spec.inputs[0].name: batch},
+                priority=priority,
+                timeout_s=ctx.settings.triton_timeout_s,
+            ),
+            what=f"infer {spec.name}",
         )
         out.append((chunk, outputs, (time.perf_counter() - t0) * 1e3))
     return out
@@ -160,6 +169,8 @@ def _run_model(
             break
         except ModelUnavailable as exc:
             metrics.inference_error(model, choice.live, "live", exc)
+            if not ctx.inference.is_ready():
+                raise  # Triton itself is down: retry the job later, never fail over
             with ctx.pool.connection() as conn:
                 routes = routing.load_routes(conn, model)
                 others = [r for r in routes if not r.shadow and r.version != choice.live]
@@ -237,23 +248,38 @@ def _gate(
     return reasons
 
 
-def _write_report(ctx: WorkerContext, study_id: UUID, status: StudyStatus, clock: _Clock) -> None:
-    """Store the next report revision, written as the study will read once ``status`` is set."""
+def _write_report(
+    ctx: WorkerContext,
+    study_id: UUID,
+    token: UUID,
+    status: StudyStatus,
+    error: str | None,
+    clock: _Clock,
+) -> bool:
+    """Store the next report revision and set ``status``, in one transaction that holds the
+    study row; False (nothing written) when a newer run has claimed the study."""
     t0 = time.perf_counter()
     with ctx.pool.connection() as conn:
+        if not claims.hold(conn, study_id, token):
+            return False
         study = db.get_study(conn, study_id, tenant_id=None)
         assert study is not None
-        study = {**study, "status": status.value, "timings": {**study["timings"], **clock.timings}}
         rows = db.instances(conn, study_id)
         res = db.results(conn, study_id)
         review = db.review_case(conn, study_id)
-        revision = 1 + max((r["revision"] for r in db.reports(conn, study_id)), default=0)
-    body = report.to_json_bytes(report.build(study, rows, res, review))
-    key = report_key(str(study["tenant_id"]), str(study_id), revision, "json")
-    ctx.store.put(key, body, content_type="application/json")
-    with ctx.pool.connection() as conn:
+        revision = claims.next_revision(conn, study_id)
+        clock.add("report", t0)
+        timings = {**study["timings"], **clock.timings}
+        study = {**study, "status": status.value, "timings": timings}
+        body = report.to_json_bytes(report.build(study, rows, res, review))
+        key = report_key(str(study["tenant_id"]), str(study_id), revision, "json")
+        retry.call(
+            lambda: ctx.store.put(key, body, content_type="application/json"), what="store.put"
+        )
         db.insert_report(conn, study_id=study_id, revision=revision, fmt="json", object_key=key)
-    clock.add("report", t0)
+        db.merge_timings(conn, study_id, clock.timings)
+        claims.release(conn, study_id, token, status, error)
+    return True
 
 
 def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
@@ -265,13 +291,9 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
         if study is None:
             log.warning("job %s: study %s no longer exists", job_id, study_id)
             return "missing"
-        moved = db.set_status(
-            conn,
-            study_id,
-            StudyStatus.PROCESSING,
-            expected=(StudyStatus.QUEUED, StudyStatus.RECEIVED, StudyStatus.PROCESSING),
-        )
-        if not moved:
+        # A fresh claim per run: only the newest run may write the report and final state.
+        token = claims.claim(conn, study_id)
+        if token is None:
             return str(study["status"])
         if study["queued_at"] is not None:
             row = conn.execute(
@@ -301,6 +323,7 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
         with ctx.pool.connection() as conn:
             for p in prepared:
                 db.finish_instance(conn, p.instance_id, status="done", warnings=list(p.warnings))
+        error: str | None
         if not prepared:
             final, error = StudyStatus.FAILED, "no instance could be preprocessed"
         else:
@@ -316,7 +339,8 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
                         reasons=reasons,
                         urgency=urgency,
                     )
-        _write_report(ctx, study_id, final, clock)
+        clock.timings["total_worker"] = (time.perf_counter() - started) * 1e3
+        finished = _write_report(ctx, study_id, token, final, error, clock)
     except TRANSIENT_ERRORS as exc:
         # Left in 'processing': the job is retried (RQ Retry) or re-enqueued by the reconciler.
         with ctx.pool.connection() as conn:
@@ -326,12 +350,8 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
         raise
     except (InferenceError, Exception) as exc:
         with ctx.pool.connection() as conn:
-            db.set_status(
-                conn,
-                study_id,
-                StudyStatus.FAILED,
-                expected=(StudyStatus.PROCESSING,),
-                error=f"{type(exc).__name__}: {exc}",
+            claims.release(
+                conn, study_id, token, StudyStatus.FAILED, f"{type(exc).__name__}: {exc}"
             )
             db.finish_attempt(
                 conn, job_id=job_id, attempt=attempt, outcome="failed", error=str(exc)
@@ -340,10 +360,12 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
         events.publish(ctx.events, study, "failed", "failed")
         raise
 
-    clock.timings["total_worker"] = (time.perf_counter() - started) * 1e3
     with ctx.pool.connection() as conn:
-        db.merge_timings(conn, study_id, clock.timings)
-        db.set_status(conn, study_id, final, expected=(StudyStatus.PROCESSING,), error=error)
+        if not finished:  # a newer run of the same job holds the study; it writes the report
+            db.finish_attempt(
+                conn, job_id=job_id, attempt=attempt, outcome="failed", error="superseded"
+            )
+            return "superseded"
         db.finish_attempt(conn, job_id=job_id, attempt=attempt, outcome="finished")
     metrics.observe_study(final.value, clock.timings, len(prepared), len(failed))
     events.publish(ctx.events, study, "report", final.value)

@@ -6,11 +6,14 @@ worker, which keeps a study's images on one model version and amortises per-job 
 
 from __future__ import annotations
 
+import contextlib
+from datetime import UTC, datetime
 from uuid import UUID
 
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, Retry
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
 from orchestrator.errors import DependencyUnavailable
@@ -24,6 +27,8 @@ RETRY_MAX = 3
 RETRY_INTERVALS_S = [5, 20, 60]
 # Redis socket timeouts for the API's connection: a hung Redis must not hang uploads.
 REDIS_SOCKET_TIMEOUT_S = 5.0
+# Workers ping an idle connection older than this before using it (a restarted Redis).
+REDIS_HEALTH_CHECK_S = 10
 
 _ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
 
@@ -64,5 +69,42 @@ def enqueue_study(redis: Redis, queue_name: str, study_id: UUID, *, job_timeout_
     return True
 
 
+def requeue_study(redis: Redis, queue_name: str, study_id: UUID, *, job_timeout_s: int) -> None:
+    """Drop whatever is left of the study's job (an abandoned start, a failure record) and
+    queue it afresh. For the reconciler and ``medtriage requeue``; safe because runs are
+    idempotent and only the newest run's claim can finish the study."""
+    try:
+        with contextlib.suppress(NoSuchJobError):
+            Job.fetch(job_id(study_id), connection=redis).delete(remove_from_queue=True)
+    except RedisError as exc:
+        raise DependencyUnavailable("redis", type(exc).__name__) from exc
+    enqueue_study(redis, queue_name, study_id, job_timeout_s=job_timeout_s)
+
+
 def queue_depth(redis: Redis, queue_name: str) -> int:
     return len(Queue(queue_name, connection=redis))
+
+
+def oldest_queued_age_s(redis: Redis, queue_name: str) -> float:
+    """Seconds the job at the head of the queue has waited; 0 when the queue is empty."""
+    for jid in Queue(queue_name, connection=redis).get_job_ids(0, 0):
+        try:
+            job = Job.fetch(jid, connection=redis)
+        except NoSuchJobError:
+            continue
+        if job.enqueued_at is not None:
+            return max(
+                0.0, (datetime.now(UTC) - job.enqueued_at.replace(tzinfo=UTC)).total_seconds()
+            )
+    return 0.0
+
+
+def connect_worker(url: str) -> Redis:
+    """The worker's connection: no read timeout, since RQ's dequeue blocks for up to
+    ``WORKER_TTL_S - 15`` seconds; a dead server still fails fast (the socket is reset)."""
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_keepalive=True,
+        health_check_interval=REDIS_HEALTH_CHECK_S,
+    )

@@ -42,6 +42,19 @@ class CommonSettings(BaseSettings):
     db_pool_max: int = 8
     # RQ: a study job taking longer than this is killed and marked failed.
     job_timeout_s: int = 600
+    # Reliability (orchestrator/reconcile.py): an open study untouched this long is checked
+    # against RQ every reconcile_interval_s, and requeued if nobody will run it...
+    reconcile_interval_s: float = 15.0
+    reconcile_stale_after_s: float = 30.0
+    # ...until its job has had this many attempts; then it goes to the dead-letter list.
+    max_attempts: int = 6
+    # Backpressure: uploads get 503 + Retry-After while the queue is deeper or its head
+    # older than these (0 = no limit).
+    max_queue_depth: int = 10_000
+    max_queue_age_s: float = 600.0
+    # A worker told to stop (SIGTERM) finishes its job within this, else exits; the
+    # reconciler reruns what it left.
+    shutdown_grace_s: float = 60.0
 
     @property
     def queue_name(self) -> str:

@@ -13,13 +13,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from uuid import UUID
 
 from rq import Queue, SimpleWorker
 from rq.job import Job
 
-from orchestrator import events, metrics, routing
+from orchestrator import events, metrics, reconcile, routing
 from orchestrator import queue as jobqueue
 from orchestrator.db import connect_pool, upgrade
 from orchestrator.inference import TritonInference
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 # How long a starting worker waits for Triton to report ready before giving up.
 TRITON_READY_TIMEOUT_S = 120.0
 TRITON_READY_POLL_S = 0.5
+# Exit status of a worker whose job outlived shutdown_grace_s after SIGTERM.
+EXIT_GRACE_EXPIRED = 3
 
 _CONTEXT: WorkerContext | None = None
 
@@ -45,8 +48,33 @@ def run_study_job(study_id: str) -> str:
 
     job: Job | None = get_current_job()
     jid = job.id if job is not None else jobqueue.job_id(UUID(study_id))
+    _wait_for_triton(_CONTEXT)
     with metrics.JOBS_IN_FLIGHT.track_inprogress():
         return process_study(_CONTEXT, UUID(study_id), jid)
+
+
+def _wait_for_triton(ctx: WorkerContext) -> None:
+    """Hold a job (not fail it) while Triton restarts; the liveness heartbeat keeps beating,
+    so the reconciler does not take it away. Past the bound the job runs and fails
+    transiently, and is retried."""
+    deadline = time.monotonic() + TRITON_READY_TIMEOUT_S
+    while not ctx.inference.is_ready() and time.monotonic() < deadline:
+        time.sleep(TRITON_READY_POLL_S)
+
+
+class _Worker(SimpleWorker):
+    """SimpleWorker whose warm shutdown (SIGTERM: finish the job, then exit) is bounded."""
+
+    grace_s: float = 60.0
+
+    def request_stop(self, signum: int, frame: object) -> None:
+        def _expire() -> None:
+            time.sleep(self.grace_s)
+            log.warning("job still running %.0fs after SIGTERM; exiting", self.grace_s)
+            os._exit(EXIT_GRACE_EXPIRED)
+
+        threading.Thread(target=_expire, daemon=True).start()
+        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
 
 
 def build_context(settings: WorkerSettings, name: str) -> WorkerContext:
@@ -85,13 +113,18 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
     if port is not None:
         host = metrics.advertised_host(settings.worker_metrics_address)
         metrics.register_endpoint(redis, settings.queue_prefix, name, host, port)
-    worker = SimpleWorker(
-        [Queue(settings.queue_name, connection=redis)], connection=redis, name=name
+    background = reconcile.Background(_CONTEXT.pool, settings, name)
+    background.start()
+    rq_redis = jobqueue.connect_worker(settings.redis_url)
+    worker = _Worker(
+        [Queue(settings.queue_name, connection=rq_redis)], connection=rq_redis, name=name
     )
+    worker.grace_s = settings.shutdown_grace_s
     log.info("worker %s taking jobs from %s", name, settings.queue_name)
     try:
         worker.work(burst=burst, logging_level="WARNING", with_scheduler=True)
     finally:
+        background.stop()
         metrics.unregister_endpoint(redis, settings.queue_prefix, name)
         _CONTEXT.pool.close()
 

@@ -12,11 +12,12 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from orchestrator import metrics
 from orchestrator import queue as jobqueue
-from orchestrator.api import events, health, metrics_collectors, models, studies
+from orchestrator.api import admin as admin_api
+from orchestrator.api import health, models, studies
 from orchestrator.api.deps import Services
 from orchestrator.db import connect_pool, upgrade
 from orchestrator.errors import DependencyUnavailable, MedtriageError
@@ -27,16 +28,7 @@ log = logging.getLogger(__name__)
 
 # Routes anyone may call: liveness, readiness, metrics and the API description.
 PUBLIC_PATHS = frozenset(
-    {
-        "/healthz",
-        "/readyz",
-        "/metrics",
-        "/metrics/targets",
-        "/docs",
-        "/openapi.json",
-        "/docs/oauth2-redirect",
-        "/redoc",
-    }
+    {"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
 )
 
 
@@ -74,28 +66,25 @@ def create_app(settings: ApiSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = _services(settings)
-        app.state.scrape_registry = metrics_collectors.build_registry(app.state.services)
         try:
             yield
         finally:
             app.state.services.pool.close()
             app.state.services.redis.close()
 
-    app = FastAPI(title="medtriage", version="0.1.0", lifespan=lifespan)
+    # Production turns the API description off (settings.docs_enabled).
+    docs: dict[str, Any] = (
+        {} if settings.docs_enabled else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    )
+    app = FastAPI(title="medtriage", version="0.1.0", lifespan=lifespan, **docs)
     app.include_router(health.router)
     app.include_router(studies.router)
     app.include_router(models.router)
-    app.include_router(events.router)
+    app.include_router(admin_api.router)
 
     @app.get("/metrics", include_in_schema=False)
-    def prometheus_metrics(request: Request) -> Response:
-        registry = getattr(request.app.state, "scrape_registry", None)
-        return Response(metrics_collectors.render(registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/metrics/targets", include_in_schema=False)
-    def prometheus_targets(request: Request) -> list[dict[str, Any]]:
-        # Prometheus HTTP service discovery: the workers' own metrics endpoints.
-        return metrics_collectors.worker_targets(request.app.state.services)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.middleware("http")
     async def request_context(
@@ -113,7 +102,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
 
     @app.exception_handler(MedtriageError)
     async def medtriage_error(request: Request, exc: MedtriageError) -> JSONResponse:
-        headers = {"Retry-After": "5"} if isinstance(exc, DependencyUnavailable) else None
+        headers = getattr(exc, "headers", None)  # e.g. RateLimited's Retry-After
+        if isinstance(exc, DependencyUnavailable):
+            headers = {"Retry-After": "5"}
         if exc.http_status >= 500:
             log.warning("%s %s -> %s", request.method, request.url.path, type(exc).__name__)
         return JSONResponse(

@@ -1,19 +1,27 @@
-"""Request-scoped dependencies: the app's services, the caller's identity and role checks."""
+"""Request-scoped dependencies: the app's services, the caller's identity and role checks.
+
+A caller is an API key (``mt_<prefix>_<secret>``, integration clients and services) or a
+person's OIDC bearer token (a JWT checked against the configured issuer's JWKS). Every
+refusal is audited; every accepted caller is rate limited per principal.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from psycopg_pool import ConnectionPool
 from redis import Redis
+from redis.exceptions import RedisError
 
 from orchestrator.db import keys, translate_errors
 from orchestrator.db.audit import record
 from orchestrator.db.keys import Principal
-from orchestrator.errors import AuthenticationError, PermissionDenied
+from orchestrator.errors import AuthenticationError, DependencyUnavailable, PermissionDenied
+from orchestrator.security import breakglass, oidc
+from orchestrator.security.ratelimit import RateLimiter
 from orchestrator.settings import ApiSettings
 from orchestrator.storage import ObjectStore
 
@@ -24,6 +32,8 @@ class Services:
     pool: ConnectionPool
     redis: Redis
     store: ObjectStore
+    # Built on first use from settings (see _verifier / _limiter).
+    cache: dict[str, Any] = field(default_factory=dict)
 
 
 def get_services(request: Request) -> Services:
@@ -41,11 +51,93 @@ def _presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
+def _verifier(services: Services) -> oidc.Verifier | None:
+    s = services.settings
+    if not (s.oidc_issuer and s.oidc_jwks_file):
+        return None
+    if "verifier" not in services.cache:
+        services.cache["verifier"] = oidc.Verifier(
+            issuer=s.oidc_issuer,
+            audience=s.oidc_audience,
+            jwks=oidc.load_jwks(s.oidc_jwks_file),
+            role_claim=s.oidc_role_claim,
+            tenant_claim=s.oidc_tenant_claim,
+        )
+    verifier: oidc.Verifier = services.cache["verifier"]
+    return verifier
+
+
+def _limiter(services: Services) -> RateLimiter:
+    if "limiter" not in services.cache:
+        s = services.settings
+        services.cache["limiter"] = RateLimiter(
+            services.redis, s.queue_prefix, rate_per_s=s.rate_limit_per_s, burst=s.rate_limit_burst
+        )
+    limiter: RateLimiter = services.cache["limiter"]
+    return limiter
+
+
+def _person(services: Services, conn: Any, token: str) -> tuple[Principal | None, str]:
+    verifier = _verifier(services)
+    if verifier is None:
+        return None, "bearer tokens are not configured"
+    try:
+        identity = verifier.verify(token)
+    except oidc.TokenInvalid as exc:
+        return None, str(exc)
+    if identity.role not in keys.ROLES:
+        return None, "token role unknown"
+    tenant_id = keys.tenant_id(conn, identity.tenant)
+    if tenant_id is None:
+        return None, "token tenant unknown"
+    s = services.settings
+    stale = oidc.touch_session(
+        conn, identity, tenant_id, idle_timeout_s=s.session_idle_timeout_s, max_s=s.session_max_s
+    )
+    if stale:
+        return None, stale
+    principal = Principal(
+        key_id=identity.principal_id,
+        tenant_id=tenant_id,
+        name=f"person:{identity.subject}",
+        role=identity.role,
+        kind="person",
+    )
+    return principal, ""
+
+
+def _source(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
 def authenticate(request: Request, services: ServicesDep) -> Principal:
-    key = _presented_key(request)
+    token = _presented_key(request)
+    reason = "missing key or token"
     with translate_errors(), services.pool.connection() as conn:
-        principal = keys.authenticate(conn, key) if key else None
-        if principal is None:
+        principal: Principal | None = None
+        if token and oidc.looks_like_jwt(token):
+            principal, reason = _person(services, conn, token)
+        elif token:
+            principal = keys.authenticate(conn, token)
+            reason = "invalid, revoked or expired key"
+        if principal is not None:
+            extra = breakglass.active_roles(conn, principal.key_id, principal.tenant_id)
+            if extra:
+                principal = Principal(**{**principal.__dict__, "extra_roles": extra})
+                record(
+                    conn,
+                    tenant_id=principal.tenant_id,
+                    principal_id=principal.key_id,
+                    principal=principal.name,
+                    action="break_glass.use",
+                    resource_type="api",
+                    resource_id=request.url.path,
+                    outcome="ok",
+                    request_id=request.state.request_id,
+                    source_ip=_source(request),
+                    detail={"method": request.method, "roles": list(extra)},
+                )
+        else:
             record(
                 conn,
                 principal="anonymous",
@@ -54,14 +146,18 @@ def authenticate(request: Request, services: ServicesDep) -> Principal:
                 resource_id=request.url.path,
                 outcome="denied",
                 request_id=request.state.request_id,
-                source_ip=request.client.host if request.client else None,
-                detail={"reason": "missing key" if not key else "invalid, revoked or expired key"},
+                source_ip=_source(request),
+                detail={"reason": reason},
             )
     if principal is None:
         raise AuthenticationError(
-            "missing or invalid API key: send 'Authorization: Bearer <key>' "
+            f"missing or invalid API key or token ({reason}): send 'Authorization: Bearer <key>' "
             "(create one with `medtriage keys create --role ...`)"
         )
+    try:
+        _limiter(services).hit(str(principal.key_id))
+    except RedisError as exc:
+        raise DependencyUnavailable("redis", type(exc).__name__) from exc
     request.state.principal = principal
     return principal
 
@@ -71,17 +167,21 @@ def require(*roles: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
     allowed = set(roles) | {"admin"}
 
     async def _check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
-        if principal.role not in allowed:
+        if not principal.has_any(allowed):
             raise PermissionDenied(
                 f"role {principal.role!r} may not do this; needs one of {sorted(allowed)}"
             )
         return principal
 
+    _check.allowed_roles = frozenset(allowed)  # type: ignore[attr-defined]
     return _check
 
 
 Uploader = Annotated[Principal, Depends(require("uploader"))]
 Reader = Annotated[Principal, Depends(require("uploader", "reviewer", "ml-engineer"))]
+Admin = Annotated[Principal, Depends(require("admin"))]
+# Anyone authenticated (the route decides what they see).
+Anyone = Annotated[Principal, Depends(authenticate)]
 
 
 def audit(
@@ -106,6 +206,6 @@ def audit(
             resource_id=resource_id,
             outcome=outcome,
             request_id=request.state.request_id,
-            source_ip=request.client.host if request.client else None,
+            source_ip=_source(request),
             detail=detail,
         )

@@ -20,10 +20,18 @@ _SECRET_BYTES = 32
 
 @dataclass(frozen=True)
 class Principal:
+    # The API key's id, or a stable per-person id for bearer tokens (audit principal_id).
     key_id: UUID
     tenant_id: UUID
     name: str
     role: str
+    # "key" (integration clients, services) or "person" (OIDC bearer token).
+    kind: str = "key"
+    # Roles added by an active break-glass grant (audited on every use).
+    extra_roles: tuple[str, ...] = ()
+
+    def has_any(self, roles: set[str]) -> bool:
+        return self.role in roles or bool(roles.intersection(self.extra_roles))
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,11 @@ class _KeyRow:
 def hash_key(key: str) -> bytes:
     # Keys carry 256 random bits, so a fast hash is enough (no dictionary to attack).
     return hashlib.sha256(key.encode()).digest()
+
+
+def tenant_id(conn: Connection, name: str) -> UUID | None:
+    row = conn.execute("SELECT id FROM tenants WHERE name = %s", (name,)).fetchone()
+    return UUID(str(row[0])) if row else None
 
 
 def ensure_tenant(conn: Connection, name: str) -> UUID:
@@ -94,6 +107,7 @@ def authenticate(conn: Connection, key: str) -> Principal | None:
         return None
     if row.revoked_at is not None or row.expired:
         return None
+    conn.execute("UPDATE api_keys SET last_used_at = now() WHERE id = %s", (row.id,))
     return Principal(key_id=row.id, tenant_id=row.tenant_id, name=row.name, role=row.role)
 
 

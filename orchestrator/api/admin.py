@@ -1,0 +1,122 @@
+"""/v1/audit (admin: the tenant's audit trail) and /v1/break-glass (emergency access)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, Field
+
+from orchestrator.api.deps import Admin, ServicesDep, audit, require
+from orchestrator.db import audit as audit_db
+from orchestrator.db import translate_errors
+from orchestrator.db.keys import Principal
+from orchestrator.security import breakglass
+
+router = APIRouter(tags=["admin"])
+
+DEFAULT_PAGE_SIZE = 100
+# Integration clients (uploader keys) never break glass; people and operators may.
+BreakGlassCaller = Annotated[Principal, Depends(require("reviewer", "ml-engineer", "sre"))]
+
+
+class AuditPage(BaseModel):
+    items: list[dict[str, Any]]
+    total: int
+    limit: int
+    offset: int
+
+
+class BreakGlassRequest(BaseModel):
+    role: str
+    reason: str = Field(min_length=1, max_length=2000)
+    duration_s: int = Field(default=900, ge=1)
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (v.isoformat() if isinstance(v, datetime) else str(v) if k.endswith("_id") and v else v)
+        for k, v in row.items()
+    }
+
+
+@router.get("/v1/audit", response_model=AuditPage)
+def query_audit(
+    request: Request,
+    services: ServicesDep,
+    principal: Admin,
+    action: str | None = None,
+    principal_name: Annotated[str | None, Query(alias="principal")] = None,
+    resource_type: str | None = None,
+    resource_id: str | None = None,
+    outcome: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=audit_db.QUERY_LIMIT_MAX)] = DEFAULT_PAGE_SIZE,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> AuditPage:
+    # An admin sees their own tenant's trail; the whole platform's is `medtriage audit query`.
+    with translate_errors(), services.pool.connection() as conn:
+        rows, total = audit_db.query(
+            conn,
+            tenant_id=principal.tenant_id,
+            principal=principal_name,
+            action=action,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            outcome=outcome,
+            since=since,
+            until=until,
+            limit=limit,
+            offset=offset,
+        )
+    audit(
+        request,
+        services,
+        principal,
+        action="audit.read",
+        resource_type="audit",
+        resource_id=None,
+        detail={"returned": len(rows)},
+    )
+    return AuditPage(items=[_jsonable(r) for r in rows], total=total, limit=limit, offset=offset)
+
+
+@router.post("/v1/break-glass", status_code=201)
+def break_glass(
+    request: Request, services: ServicesDep, principal: BreakGlassCaller, body: BreakGlassRequest
+) -> dict[str, Any]:
+    try:
+        with translate_errors(), services.pool.connection() as conn:
+            grant_id, expires_at = breakglass.grant(
+                conn,
+                tenant_id=principal.tenant_id,
+                principal_id=principal.key_id,
+                role=body.role,
+                reason=body.reason,
+                duration=timedelta(seconds=body.duration_s),
+                max_duration=timedelta(seconds=services.settings.break_glass_max_s),
+            )
+    except Exception:
+        audit(
+            request,
+            services,
+            principal,
+            action="break_glass.grant",
+            resource_type="break_glass",
+            resource_id=None,
+            outcome="refused",
+            detail={"role": body.role},
+        )
+        raise
+    audit(
+        request,
+        services,
+        principal,
+        action="break_glass.grant",
+        resource_type="break_glass",
+        resource_id=str(grant_id),
+        detail={"role": body.role, "reason": body.reason, "expires_at": expires_at.isoformat()},
+    )
+    return {"id": str(grant_id), "role": body.role, "expires_at": expires_at.isoformat()}

@@ -55,6 +55,13 @@ class CommonSettings(BaseSettings):
     # A worker told to stop (SIGTERM) finishes its job within this, else exits; the
     # reconciler reruns what it left.
     shutdown_grace_s: float = 60.0
+    # Security (orchestrator/security/). Local store encryption at rest: "kid:base64(32 bytes)"
+    # entries, comma-separated; the first encrypts new objects, all stay readable (rotation).
+    # Empty = objects stored as given (only for throwaway local use).
+    storage_encryption_keys: str = ""
+    # S3 server-side encryption: "AES256" (SSE-S3) or "aws:kms" (SSE-KMS, with the key id below).
+    s3_sse: str = "AES256"
+    s3_kms_key_id: str = ""
 
     @property
     def queue_name(self) -> str:
@@ -71,6 +78,25 @@ class ApiSettings(CommonSettings):
     # How long the API waits for a dependency in /readyz before calling it down.
     readiness_timeout_s: float = 2.0
     page_size_max: int = 200
+    # People's bearer tokens (OIDC): issuer, audience and a static JWKS file; empty = keys only.
+    oidc_issuer: str = ""
+    oidc_audience: str = "medtriage"
+    oidc_jwks_file: str = ""
+    oidc_role_claim: str = "medtriage_role"
+    oidc_tenant_claim: str = "medtriage_tenant"
+    # Session lifetimes for people: idle (since the last request) and absolute (since login).
+    session_idle_timeout_s: int = 15 * 60
+    session_max_s: int = 8 * 3600
+    # Longest break-glass grant a person may give themselves.
+    break_glass_max_s: int = 3600
+    # Per-key token bucket: sustained requests per second and burst; 0 turns limiting off.
+    rate_limit_per_s: float = 20.0
+    rate_limit_burst: int = 200
+    # /docs, /redoc and /openapi.json; turn off in production.
+    docs_enabled: bool = True
+    # TLS for the API: both files set = HTTPS only (TLS 1.2 or newer).
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
     # Drift gauges: the newest N live results per model version, recomputed at most this often.
     drift_window: int = 1000
     drift_refresh_s: float = 30.0

@@ -12,12 +12,12 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from orchestrator import metrics
 from orchestrator import queue as jobqueue
 from orchestrator.api import admin as admin_api
-from orchestrator.api import health, models, studies
+from orchestrator.api import events, health, metrics_collectors, models, studies
 from orchestrator.api.deps import Services
 from orchestrator.db import connect_pool, upgrade
 from orchestrator.errors import DependencyUnavailable, MedtriageError
@@ -28,7 +28,16 @@ log = logging.getLogger(__name__)
 
 # Routes anyone may call: liveness, readiness, metrics and the API description.
 PUBLIC_PATHS = frozenset(
-    {"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
+    {
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/metrics/targets",
+        "/docs",
+        "/openapi.json",
+        "/docs/oauth2-redirect",
+        "/redoc",
+    }
 )
 
 
@@ -66,6 +75,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = _services(settings)
+        app.state.scrape_registry = metrics_collectors.build_registry(app.state.services)
         try:
             yield
         finally:
@@ -81,10 +91,17 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(studies.router)
     app.include_router(models.router)
     app.include_router(admin_api.router)
+    app.include_router(events.router)
 
     @app.get("/metrics", include_in_schema=False)
-    def prometheus_metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    def prometheus_metrics(request: Request) -> Response:
+        registry = getattr(request.app.state, "scrape_registry", None)
+        return Response(metrics_collectors.render(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/metrics/targets", include_in_schema=False)
+    def prometheus_targets(request: Request) -> list[dict[str, Any]]:
+        # Prometheus HTTP service discovery: the workers' own metrics endpoints.
+        return metrics_collectors.worker_targets(request.app.state.services)
 
     @app.middleware("http")
     async def request_context(

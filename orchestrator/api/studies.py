@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from orchestrator import ingest
+from orchestrator import ingest, metrics
 from orchestrator.api.deps import Reader, ServicesDep, Uploader, audit
 from orchestrator.db import studies as db
 from orchestrator.db import translate_errors
@@ -94,6 +94,8 @@ async def create_study(
         job_timeout_s=settings.job_timeout_s,
         priority=priority,
     )
+    for (_, data), outcome in zip(payload, result.files, strict=True):
+        metrics.observe_upload("rest", outcome.outcome, len(data))
     body_files = [f.public() for f in result.files]
     studies = []
     with translate_errors(), services.pool.connection() as conn:

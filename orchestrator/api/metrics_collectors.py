@@ -28,6 +28,8 @@ from orchestrator.triton.config import load_repository
 log = logging.getLogger(__name__)
 
 QUEUE_LABEL = "studies"
+# A scrape waits at most this long for a pooled connection before calling PostgreSQL down.
+DB_PROBE_TIMEOUT_S = 2.0
 
 
 class QueueCollector(Collector):
@@ -58,6 +60,15 @@ class QueueCollector(Collector):
             "medtriage_queue_workers", "Workers registered on the queue.", labels=["queue"]
         )
         up = GaugeMetricFamily("medtriage_redis_up", "1 when Redis answered this scrape.")
+        db_up = GaugeMetricFamily(
+            "medtriage_database_up", "1 when PostgreSQL answered this scrape."
+        )
+        try:
+            with self._services.pool.connection(timeout=DB_PROBE_TIMEOUT_S) as conn:
+                conn.execute("SELECT 1")
+            db_up.add_metric([], 1.0)
+        except Exception:  # noqa: BLE001 - any failure means "down" for this gauge
+            db_up.add_metric([], 0.0)
         redis = self._services.redis
         try:
             queue = Queue(self._services.settings.queue_name, connection=redis)
@@ -75,7 +86,7 @@ class QueueCollector(Collector):
             up.add_metric([], 1.0)
         except RedisError:
             up.add_metric([], 0.0)
-        yield from (depth, oldest, started, failed, workers, up)
+        yield from (depth, oldest, started, failed, workers, up, db_up)
 
 
 class DriftCollector(Collector):

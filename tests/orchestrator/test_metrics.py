@@ -38,6 +38,7 @@ API_FAMILIES = {
     "medtriage_queue_failed_jobs",
     "medtriage_queue_workers",
     "medtriage_redis_up",
+    "medtriage_database_up",
     "medtriage_model_drift_window",
 }
 WORKER_FAMILIES = {

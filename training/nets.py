@@ -40,7 +40,7 @@ class CamNet(nn.Module):
 
 ARCHITECTURES: dict[str, dict[str, object]] = {
     "small": {"widths": (16, 32, 64, 64), "dropout": 0.1},
-    "wide": {"widths": (32, 64, 128, 128), "dropout": 0.2},
+    "wide": {"widths": (24, 48, 96, 96), "dropout": 0.2},
 }
 
 

@@ -26,6 +26,7 @@ from orchestrator.db.studies import StudyStatus
 from orchestrator.errors import InferenceError, ModelUnavailable
 from orchestrator.events import EventPublisher
 from orchestrator.inference import PRIORITY_DEFAULT, PRIORITY_STAT, InferenceClient, batches
+from orchestrator.security.crypto import ObjectTampered, verify_sha256
 from orchestrator.settings import WorkerSettings
 from orchestrator.storage import ObjectStore, preview_key, report_key
 from orchestrator.triton.config import ModelSpec
@@ -79,7 +80,15 @@ def _prepare(
     failed: dict[UUID, str] = {}
     for row in rows:
         t0 = time.perf_counter()
-        data = retry.call(partial(ctx.store.get, row["object_key"]), what="store.get")
+        try:
+            data = verify_sha256(
+                retry.call(partial(ctx.store.get, row["object_key"]), what="store.get"),
+                row["sha256"],
+            )
+        except ObjectTampered as exc:
+            clock.add("fetch", t0)
+            failed[row["id"]] = f"integrity: {exc}"
+            continue
         clock.add("fetch", t0)
         t0 = time.perf_counter()
         try:

@@ -81,13 +81,19 @@ class S3Store:
         endpoint_url: str | None = None,
         region: str = "us-east-1",
         server_side_encryption: str = "AES256",
+        kms_key_id: str = "",
     ) -> None:
         import boto3
         from botocore.config import Config
 
+        if server_side_encryption not in ("AES256", "aws:kms"):
+            raise ValueError("server_side_encryption must be 'AES256' (SSE-S3) or 'aws:kms'")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.sse = server_side_encryption
+        self._sse_args = {"ServerSideEncryption": server_side_encryption}
+        if server_side_encryption == "aws:kms" and kms_key_id:
+            self._sse_args["SSEKMSKeyId"] = kms_key_id
         self._client = boto3.client(
             "s3",
             endpoint_url=endpoint_url or None,
@@ -124,17 +130,21 @@ class S3Store:
                 Key=self._key(key),
                 Body=data,
                 ContentType=content_type,
-                ServerSideEncryption=self.sse,
+                **self._sse_args,
             )
         except Exception as exc:
             raise self._translate(exc, key) from exc
 
     def get(self, key: str) -> bytes:
         try:
-            body = self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
-            return bytes(body.read())
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            data = bytes(response["Body"].read())
         except Exception as exc:
             raise self._translate(exc, key) from exc
+        # Checked on read: an object that was not stored encrypted is not served.
+        if response.get("ServerSideEncryption") != self.sse:
+            raise StorageError(f"object {key} is not server-side encrypted ({self.sse})")
+        return data
 
     def delete(self, key: str) -> None:
         try:
@@ -159,13 +169,36 @@ class S3Store:
             raise DependencyUnavailable("object store", type(exc).__name__) from exc
 
 
-def open_store(url: str, *, endpoint_url: str = "", region: str = "us-east-1") -> ObjectStore:
-    """``file:///path`` → LocalStore; ``s3://bucket/prefix`` → S3Store."""
+def open_store(
+    url: str,
+    *,
+    endpoint_url: str = "",
+    region: str = "us-east-1",
+    encryption_keys: str = "",
+    s3_sse: str = "AES256",
+    s3_kms_key_id: str = "",
+) -> ObjectStore:
+    """``file:///path`` → LocalStore sealed with AES-GCM (orchestrator/security/crypto.py);
+    ``s3://bucket/prefix`` → S3Store with server-side encryption (and AES-GCM too when keys
+    are configured). Without configured keys a local store makes ``<path>.storage-key``."""
+    from orchestrator.security.crypto import EncryptedStore, KeyRing, local_key_file
+
     parsed = urlparse(url)
+    store: ObjectStore
     if parsed.scheme == "file":
-        return LocalStore(Path(parsed.path))
+        root = Path(parsed.path)
+        keys = encryption_keys or local_key_file(root.with_name(root.name + ".storage-key"))
+        return EncryptedStore(LocalStore(root), KeyRing.parse(keys))
     if parsed.scheme == "s3":
-        return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url or None, region=region)
+        store = S3Store(
+            parsed.netloc,
+            parsed.path,
+            endpoint_url=endpoint_url or None,
+            region=region,
+            server_side_encryption=s3_sse,
+            kms_key_id=s3_kms_key_id,
+        )
+        return EncryptedStore(store, KeyRing.parse(encryption_keys)) if encryption_keys else store
     raise ValueError(f"storage URL must be file:///path or s3://bucket/prefix, not {url!r}")
 
 

@@ -91,7 +91,12 @@ def build_context(settings: WorkerSettings, name: str) -> WorkerContext:
     with pool.connection() as conn:
         routing.sync_versions(conn, {m: spec.versions for m, spec in models.items()})
     store = open_store(
-        settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+        settings.storage_url,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        encryption_keys=settings.storage_encryption_keys,
+        s3_sse=settings.s3_sse,
+        s3_kms_key_id=settings.s3_kms_key_id,
     )
     publisher = events.EventPublisher(jobqueue.connect(settings.redis_url), settings.queue_prefix)
     return WorkerContext(

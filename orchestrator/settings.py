@@ -100,6 +100,8 @@ class ApiSettings(CommonSettings):
     # Drift gauges: the newest N live results per model version, recomputed at most this often.
     drift_window: int = 1000
     drift_refresh_s: float = 30.0
+    # Ingest: how long an Idempotency-Key's first answer is kept for retries.
+    idempotency_ttl_s: int = 24 * 3600
 
 
 class WorkerSettings(CommonSettings):

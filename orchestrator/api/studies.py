@@ -1,4 +1,9 @@
-"""/v1/studies: upload, list, read a study, its previews and its report."""
+"""/v1/studies: upload, list, read a study, its previews and its report.
+
+An upload is multipart/form-data (fields ``files``; a zip among them is unpacked), a zip
+body (``application/zip``) or one raw ``application/dicom`` body; the answer lists every
+file's outcome. ``Idempotency-Key`` makes a retried upload return the first answer.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,12 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from orchestrator import ingest, metrics
+from orchestrator.api import uploads
 from orchestrator.api.deps import Reader, ServicesDep, Uploader, audit
 from orchestrator.db import studies as db
 from orchestrator.db import translate_errors
-from orchestrator.errors import BadRequest, InvalidUpload, NotFound, PayloadTooLarge
+from orchestrator.db.keys import Principal
+from orchestrator.errors import InvalidUpload, NotFound, PayloadTooLarge
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
@@ -78,11 +85,26 @@ async def create_study(
         raise PayloadTooLarge(
             f"request body of {length} bytes exceeds the {settings.max_upload_bytes}-byte limit"
         )
-    if not files:
-        raise BadRequest("no files: send DICOM files as multipart/form-data fields named 'files'")
-    payload: list[tuple[str, bytes]] = []
-    for index, upload in enumerate(files):
-        payload.append((upload.filename or f"file-{index}", await upload.read()))
+    payload, rejected = await uploads.rest_payload(request, files, settings.max_upload_bytes)
+    return uploads.idempotent(
+        request,
+        services,
+        principal,
+        route="POST /v1/studies",
+        request_sha256=uploads.digest(payload, priority, str(len(rejected))),
+        answer=lambda: _create(request, services, principal, payload, rejected, priority),
+    )
+
+
+def _create(
+    request: Request,
+    services: ServicesDep,
+    principal: Principal,
+    payload: list[tuple[str, bytes]],
+    rejected: list[ingest.FileOutcome],
+    priority: str | None,
+) -> JSONResponse:
+    settings = services.settings
     result = ingest.ingest(
         services.pool,
         services.store,
@@ -96,6 +118,9 @@ async def create_study(
     )
     for (_, data), outcome in zip(payload, result.files, strict=True):
         metrics.observe_upload("rest", outcome.outcome, len(data))
+    for outcome in rejected:
+        metrics.observe_upload("rest", outcome.outcome, 0)
+    result.files.extend(rejected)
     body_files = [f.public() for f in result.files]
     studies = []
     with translate_errors(), services.pool.connection() as conn:

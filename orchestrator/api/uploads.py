@@ -1,0 +1,204 @@
+"""What every HTTP upload path shares: bounded body reads, the REST body forms (multipart,
+zip, raw ``application/dicom``) and Idempotency-Key replay.
+
+Idempotency follows the IETF ``Idempotency-Key`` header draft: the first answer (success
+or a 4xx about the content) is stored per tenant and key and returned to retries with
+``Idempotent-Replayed: true``; the same key with different content is 422; a retry while
+the first request is still running is 409. A 5xx is not stored, so a retry runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Request, UploadFile
+from fastapi.responses import JSONResponse
+
+from orchestrator import archive
+from orchestrator.api.deps import Services
+from orchestrator.db import idempotency, translate_errors
+from orchestrator.db.keys import Principal
+from orchestrator.errors import (
+    BadRequest,
+    Conflict,
+    InvalidUpload,
+    MedtriageError,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from orchestrator.ingest import REJECTED, FileOutcome
+
+ZIP_TYPES = {"application/zip", "application/x-zip-compressed"}
+DICOM_TYPE = "application/dicom"
+FORM_TYPE = "multipart/form-data"
+# Printable ASCII without spaces at the ends, as the draft's sf-string allows.
+_KEY_PATTERN = re.compile(r"^[\x21-\x7e]([\x20-\x7e]{0,253}[\x21-\x7e])?$")
+# How long a claimed key waits for its first request's answer before a retry may take over.
+IDEMPOTENCY_PENDING_TIMEOUT_S = 300
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+Payload = list[tuple[str, bytes]]
+
+
+def media_type(request: Request) -> tuple[str, dict[str, str]]:
+    """The Content-Type's essence (lower case) and its parameters (quotes removed)."""
+    header = request.headers.get("content-type", "")
+    essence, _, rest = header.partition(";")
+    params: dict[str, str] = {}
+    for piece in rest.split(";"):
+        name, eq, value = piece.partition("=")
+        if eq:
+            params[name.strip().lower()] = value.strip().strip('"')
+    return essence.strip().lower(), params
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it passes ``limit`` (chunked bodies too)."""
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+    return bytes(buf)
+
+
+def _filename(request: Request, default: str) -> str:
+    disposition = request.headers.get("content-disposition", "")
+    match = re.search(r'filename="?([^";]+)"?', disposition)
+    return match.group(1) if match else default
+
+
+def expand_zips(files: Payload, *, max_bytes: int) -> tuple[Payload, list[FileOutcome]]:
+    """Replace zip files by their members; unreadable members become rejected outcomes."""
+    out: Payload = []
+    rejected: list[FileOutcome] = []
+    for name, data in files:
+        if not archive.is_zip(data):
+            out.append((name, data))
+            continue
+        unpacked = archive.unpack(data, name=name, max_bytes=max_bytes)
+        out.extend(unpacked.files)
+        rejected.extend(
+            FileOutcome(member, REJECTED, reason, "archive") for member, reason in unpacked.rejected
+        )
+    return out, rejected
+
+
+async def rest_payload(
+    request: Request, files: list[UploadFile] | None, max_bytes: int
+) -> tuple[Payload, list[FileOutcome]]:
+    """The files of a ``POST /v1/studies`` body, whichever of the three forms it came in."""
+    essence, _ = media_type(request)
+    payload: Payload = []
+    if essence == FORM_TYPE or not essence:
+        if not files:
+            raise BadRequest(
+                "no files: send DICOM files (or a zip) as multipart/form-data fields named 'files'"
+            )
+        for index, upload in enumerate(files):
+            payload.append((upload.filename or f"file-{index}", await upload.read()))
+    elif essence == DICOM_TYPE:
+        data = await read_body(request, max_bytes)
+        if not data:
+            raise BadRequest("empty application/dicom body: send one DICOM Part 10 file")
+        payload.append((_filename(request, "body.dcm"), data))
+    elif essence in ZIP_TYPES:
+        data = await read_body(request, max_bytes)
+        payload.append((_filename(request, "upload.zip"), data))
+        if not archive.is_zip(data):
+            raise BadRequest(f"body sent as {essence} is not a zip archive")
+    else:
+        raise UnsupportedMediaType(
+            f"Content-Type {essence or '(none)'!r} is not accepted here: send "
+            "multipart/form-data (fields 'files'), application/zip or application/dicom"
+        )
+    return expand_zips(payload, max_bytes=max_bytes)
+
+
+def digest(payload: Payload, *extra: str | None) -> str:
+    """What makes two requests 'the same' for idempotency: their files and options, not
+    their framing (multipart boundaries differ between retries)."""
+    h = hashlib.sha256()
+    for value in extra:
+        h.update(f"{value}\0".encode())
+    for name, data in payload:
+        h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return h.hexdigest()
+
+
+def idempotent(
+    request: Request,
+    services: Services,
+    principal: Principal,
+    *,
+    route: str,
+    request_sha256: str,
+    answer: Callable[[], JSONResponse],
+) -> JSONResponse:
+    """Run ``answer`` once per Idempotency-Key; without the header, just run it."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return answer()
+    if not _KEY_PATTERN.match(key):
+        raise BadRequest("Idempotency-Key must be 1-255 printable ASCII characters")
+    settings = services.settings
+    with translate_errors(), services.pool.connection() as conn:
+        claim = idempotency.claim(
+            conn,
+            tenant_id=principal.tenant_id,
+            key=key,
+            route=route,
+            request_sha256=request_sha256,
+            ttl_s=settings.idempotency_ttl_s,
+            pending_timeout_s=IDEMPOTENCY_PENDING_TIMEOUT_S,
+        )
+    if not claim.owner:
+        if claim.route != route or claim.request_sha256 != request_sha256:
+            raise InvalidUpload(
+                "this Idempotency-Key was used for a different request; use a new key for "
+                "new content"
+            )
+        if claim.status_code is None:
+            raise Conflict(
+                "the first request with this Idempotency-Key is still being processed; "
+                "retry shortly"
+            )
+        return JSONResponse(
+            status_code=claim.status_code,
+            content=claim.response,
+            headers={REPLAYED_HEADER: "true"},
+        )
+    try:
+        response = answer()
+    except MedtriageError as exc:
+        if exc.http_status >= 500:
+            _release(services, principal, key)
+        else:
+            body: dict[str, Any] = {"error": type(exc).__name__, "detail": exc.message}
+            _complete(services, principal, key, exc.http_status, body)
+        raise
+    except BaseException:
+        _release(services, principal, key)
+        raise
+    _complete(services, principal, key, response.status_code, _json(response))
+    return response
+
+
+def _json(response: JSONResponse) -> Any:
+    return json.loads(bytes(response.body))
+
+
+def _complete(services: Services, principal: Principal, key: str, status: int, body: Any) -> None:
+    with translate_errors(), services.pool.connection() as conn:
+        idempotency.complete(
+            conn, tenant_id=principal.tenant_id, key=key, status_code=status, response=body
+        )
+
+
+def _release(services: Services, principal: Principal, key: str) -> None:
+    with translate_errors(), services.pool.connection() as conn:
+        idempotency.release(conn, tenant_id=principal.tenant_id, key=key)

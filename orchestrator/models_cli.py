@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from orchestrator import rollout, routing
+from orchestrator import review, rollout, routing
 from orchestrator.db import upgrade
 from orchestrator.errors import MedtriageError
 from orchestrator.model_control import TritonControl
@@ -103,7 +103,9 @@ def _dispatch(
         print(table([asdict(r) for r in fn(conn, args.model, args.version, actor=_actor())]))
     elif action == "compare":
         stats = rollout.compare(conn, args.model, args.versions)
-        print(table([asdict(s) for s in stats]))
+        reviewed = review.figures_by_version(conn, args.model)
+        empty = dict.fromkeys(review.FIGURES)
+        print(table([{**asdict(s), **reviewed.get(s.version, empty)} for s in stats]))
     elif action == "gate":
         rollout.set_gate(
             conn,

@@ -19,7 +19,7 @@ import numpy as np
 from psycopg_pool import ConnectionPool
 
 import preprocess
-from orchestrator import events, findings, metrics, report, retry, routing
+from orchestrator import events, findings, gate, metrics, report, retry, review, routing
 from orchestrator.db import claims
 from orchestrator.db import studies as db
 from orchestrator.db.studies import StudyStatus
@@ -37,9 +37,6 @@ TRIAGE_MODEL = "triage"
 ANALYSIS_MODEL = "analysis"
 # Errors worth another attempt of the whole job; everything else fails the study at once.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = retry.TRANSIENT
-REASON_LOW_CONFIDENCE = "low_confidence"
-REASON_INSTANCE_FAILED = "instance_failed"
-REASON_LOSSY_SOURCE = "lossy_source"
 
 
 @dataclass
@@ -243,18 +240,21 @@ def _describe_analysis(
 
 def _gate(
     ctx: WorkerContext,
-    triage: dict[UUID, tuple[str, float]],
+    study: dict[str, Any],
     failed: dict[UUID, str],
     prepared: list[_Prepared],
-) -> list[str]:
-    reasons: list[str] = []
-    if any(conf < ctx.settings.review_confidence_threshold for _, conf in triage.values()):
-        reasons.append(REASON_LOW_CONFIDENCE)
-    if failed:
-        reasons.append(REASON_INSTANCE_FAILED)
-    if any("lossy_source" in p.warnings for p in prepared):
-        reasons.append(REASON_LOSSY_SOURCE)
-    return reasons
+) -> gate.Decision:
+    """Reason codes and urgency from the stored results (orchestrator/gate.py)."""
+    with ctx.pool.connection() as conn:
+        return gate.evaluate(
+            conn,
+            study,
+            failed=failed,
+            warnings={p.instance_id: p.warnings for p in prepared},
+            prob_outputs={m: spec.outputs[0].name for m, spec in ctx.models.items()},
+            default_confidence=ctx.settings.review_confidence_threshold,
+            triage_model=TRIAGE_MODEL,
+        )
 
 
 def _write_report(
@@ -323,9 +323,8 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
         with ctx.pool.connection() as conn:
             for instance_id, reason in failed.items():
                 db.finish_instance(conn, instance_id, status="failed", error=reason)
-        triage: dict[UUID, tuple[str, float]] = {}
         if prepared:
-            triage = _run_model(ctx, TRIAGE_MODEL, study, prepared, clock, _describe_triage)
+            _run_model(ctx, TRIAGE_MODEL, study, prepared, clock, _describe_triage)
             events.publish(ctx.events, study, "triage")
             _run_model(ctx, ANALYSIS_MODEL, study, prepared, clock, _describe_analysis)
             events.publish(ctx.events, study, "analysis")
@@ -336,18 +335,12 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
         if not prepared:
             final, error = StudyStatus.FAILED, "no instance could be preprocessed"
         else:
-            reasons = _gate(ctx, triage, failed, prepared)
+            decision = _gate(ctx, study, failed, prepared)
+            reasons = decision.reasons
             final, error = (StudyStatus.NEEDS_REVIEW, None) if reasons else (StudyStatus.DONE, None)
             if reasons:
-                urgency = 1 if study["priority"] == "stat" else 0
                 with ctx.pool.connection() as conn:
-                    db.open_review_case(
-                        conn,
-                        tenant_id=study["tenant_id"],
-                        study_id=study_id,
-                        reasons=reasons,
-                        urgency=urgency,
-                    )
+                    review.open_case(conn, study, decision)
         clock.timings["total_worker"] = (time.perf_counter() - started) * 1e3
         finished = _write_report(ctx, study_id, token, final, error, clock)
     except TRANSIENT_ERRORS as exc:

@@ -18,6 +18,7 @@ from orchestrator import metrics
 from orchestrator import queue as jobqueue
 from orchestrator.api import admin as admin_api
 from orchestrator.api import events, health, metrics_collectors, models, studies
+from orchestrator.api import review as review_api
 from orchestrator.api.deps import Services
 from orchestrator.db import connect_pool, upgrade
 from orchestrator.errors import DependencyUnavailable, MedtriageError
@@ -37,6 +38,7 @@ PUBLIC_PATHS = frozenset(
         "/openapi.json",
         "/docs/oauth2-redirect",
         "/redoc",
+        "/review",  # the reviewer page's shell; its data routes need a reviewer key
     }
 )
 
@@ -97,6 +99,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(models.router)
     app.include_router(admin_api.router)
     app.include_router(events.router)
+    app.include_router(review_api.router)
+    app.include_router(review_api.page_router)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics(request: Request) -> Response:

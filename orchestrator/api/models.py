@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from orchestrator import rollout, routing
+from orchestrator import review, rollout, routing
 from orchestrator.api.deps import ServicesDep, audit, require
 from orchestrator.db import translate_errors
 from orchestrator.db.keys import Principal
@@ -123,7 +123,13 @@ def compare(
 ) -> dict[str, Any]:
     with translate_errors(), services.pool.connection() as conn:
         stats = rollout.compare(conn, model, versions)
-    return {"model": model, "versions": [asdict(s) for s in stats]}
+        # Ground truth from clinicians' verdicts (every tenant: the model is shared).
+        reviewed = review.figures_by_version(conn, model)
+    empty = dict.fromkeys(review.FIGURES)
+    return {
+        "model": model,
+        "versions": [{**asdict(s), **reviewed.get(s.version, empty)} for s in stats],
+    }
 
 
 @router.post("/{model}/versions/{version}/promote")

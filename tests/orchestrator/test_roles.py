@@ -25,6 +25,7 @@ READ_PATIENT_DATA = {"uploader", "reviewer", "ml-engineer", "admin"}
 MODEL_READ = {"ml-engineer", "sre", "admin"}
 MODEL_ACTION = {"ml-engineer", "admin"}
 OPERATIONS = {"sre", "admin"}
+REVIEW = {"reviewer", "admin"}
 
 ALLOWED: dict[tuple[str, str], set[str]] = {
     ("POST", "/v1/studies"): {"uploader", "admin"},
@@ -47,6 +48,14 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("POST", "/v1/break-glass"): {"reviewer", "ml-engineer", "sre", "admin"},
     ("GET", "/v1/dead-letters"): OPERATIONS,
     ("POST", "/v1/dead-letters/requeue"): OPERATIONS,
+    ("GET", "/v1/review/queue"): REVIEW,
+    ("GET", "/v1/review/queue/view"): REVIEW,
+    ("GET", "/v1/review/cases/{case_id}"): REVIEW,
+    ("GET", "/v1/review/cases/{case_id}/view"): REVIEW,
+    ("POST", "/v1/review/cases/{case_id}/claim"): REVIEW,
+    ("POST", "/v1/review/cases/{case_id}/release"): REVIEW,
+    ("POST", "/v1/review/cases/{case_id}/verdict"): REVIEW,
+    ("GET", "/v1/review/stats"): REVIEW,
 }
 # Read-only for sre: whatever sre may call must not change anything...
 SRE_MAY_CHANGE = {("POST", "/v1/break-glass"), ("POST", "/v1/dead-letters/requeue")}

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -88,8 +89,9 @@ def _concrete(path: str, ids: dict[str, str]) -> str:
 
 
 def _call(client: httpx.Client, method: str, url: str, ids: dict[str, str]) -> tuple[int, str]:
-    # Bodies that name tenant A's data wherever a route takes ids in its body.
-    body = {"study_ids": [ids["study_id"]], "all": False}
+    # Bodies that name tenant A's data wherever a route takes ids in its body (and a valid
+    # verdict, so the review verdict route answers for the case, not for the body).
+    body = {"study_ids": [ids["study_id"]], "all": False, "verdict": "agree"}
     kwargs: dict[str, Any] = {"json": body} if method in ("POST", "PUT") else {}
     with client.stream(method, url, timeout=STREAM_TIMEOUT_S, **kwargs) as r:
         if r.headers.get("content-type", "").startswith("text/event-stream"):
@@ -97,12 +99,32 @@ def _call(client: httpx.Client, method: str, url: str, ids: dict[str, str]) -> t
         return r.status_code, r.read().decode(errors="replace")
 
 
+def _review_case(database_url: str, study_id: str) -> str:
+    """Tenant A's review case: the gate's if it opened one, else one opened here."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO review_cases (tenant_id, study_id, reasons)"
+            " SELECT tenant_id, id, '{low_confidence}' FROM studies WHERE id = %s"
+            " ON CONFLICT (study_id) DO NOTHING",
+            (study_id,),
+        )
+        row = conn.execute(
+            "SELECT id FROM review_cases WHERE study_id = %s", (study_id,)
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
 def test_replaying_tenant_a_ids_as_tenant_b_never_succeeds(
-    stack: Any, make_key: Any, tenant_a: dict[str, str]
+    stack: Any, make_key: Any, tenant_a: dict[str, str], database_url: str
 ) -> None:
     table = routes()
     assert len(table) >= 15
-    ids = {"study_id": tenant_a["study_id"], "instance_id": tenant_a["instance_id"]}
+    ids = {
+        "study_id": tenant_a["study_id"],
+        "instance_id": tenant_a["instance_id"],
+        "case_id": _review_case(database_url, tenant_a["study_id"]),
+    }
     # Tenant B's most powerful key; break-glass roles do not cross tenants either.
     b_admin = make_key("admin", tenant="tenant-iso-b")
     a_admin = make_key("admin", tenant="tenant-iso-a")

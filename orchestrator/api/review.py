@@ -1,0 +1,234 @@
+"""/v1/review: the clinicians' queue, claims, verdicts, ground-truth figures.
+
+Reviewers only (admin passes). JSON for integrations; ``.../view`` routes answer the same
+data as server-rendered HTML fragments for the reviewer page (orchestrator/web/).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, Field
+
+from orchestrator import review
+from orchestrator.api.deps import ServicesDep, audit, require
+from orchestrator.db import translate_errors
+from orchestrator.db.keys import Principal
+from orchestrator.reports import regenerate
+from orchestrator.triton.config import load_repository
+from orchestrator.web import render
+
+router = APIRouter(prefix="/v1/review", tags=["review"])
+# The page shell carries no data (it fetches the fragments below with the reviewer's key).
+page_router = APIRouter(include_in_schema=False)
+
+Reviewer = Annotated[Principal, Depends(require("reviewer"))]
+# Model whose labels a reviewer's override must use (the triage model's).
+REVIEW_MODEL = "triage"
+
+
+class VerdictIn(BaseModel):
+    verdict: Literal["agree", "override"]
+    correct_label: str | None = None
+    note: Annotated[str | None, Field(max_length=review.MAX_NOTE_CHARS)] = None
+
+
+def _public(case: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in case.items():
+        if k == "claimed_by":
+            continue
+        out[k] = (
+            v.isoformat() if hasattr(v, "isoformat") else (str(v) if k in ("id", "study_id") else v)
+        )
+    return out
+
+
+def _labels(services: ServicesDep) -> tuple[str, ...]:
+    repo = load_repository(services.settings.model_repository)
+    return repo[REVIEW_MODEL].labels
+
+
+def _case_view(services: ServicesDep, principal: Principal, case_id: UUID) -> dict[str, Any]:
+    with translate_errors(), services.pool.connection() as conn:
+        case = review.get_case(conn, principal.tenant_id, case_id)
+        results = review.case_results(conn, case["study_id"])
+    out = _public(case)
+    out["results"] = [
+        {**r, "instance_id": str(r["instance_id"]), "confidence": round(float(r["confidence"]), 4)}
+        for r in results
+    ]
+    out["labels"] = list(_labels(services))
+    out["mine"] = case["claimed_by"] == principal.key_id
+    return out
+
+
+@page_router.get("/review", response_class=HTMLResponse)
+def review_page() -> HTMLResponse:
+    return HTMLResponse(render.page(), headers={"Cache-Control": "no-store"})
+
+
+@router.get("/queue")
+def list_queue(
+    request: Request,
+    services: ServicesDep,
+    principal: Reviewer,
+    status: Annotated[str, Query(pattern="^(open|claimed|closed|active)$")] = "active",
+    limit: Annotated[int, Query(ge=1, le=review.MAX_QUEUE_PAGE)] = 50,
+) -> dict[str, Any]:
+    statuses = ("open", "claimed") if status == "active" else (status,)
+    with translate_errors(), services.pool.connection() as conn:
+        rows = review.queue(conn, principal.tenant_id, statuses=statuses, limit=limit)
+    audit(
+        request,
+        services,
+        principal,
+        action="review.list",
+        resource_type="review_case",
+        resource_id=None,
+        detail={"returned": len(rows)},
+    )
+    return {"items": [_public(r) for r in rows]}
+
+
+@router.get("/queue/view", response_class=HTMLResponse)
+def queue_view(services: ServicesDep, principal: Reviewer) -> HTMLResponse:
+    with translate_errors(), services.pool.connection() as conn:
+        rows = review.queue(conn, principal.tenant_id)
+    return HTMLResponse(render.queue([_public(r) for r in rows]))
+
+
+@router.get("/cases/{case_id}")
+def get_case(
+    request: Request, services: ServicesDep, principal: Reviewer, case_id: UUID
+) -> dict[str, Any]:
+    out = _case_view(services, principal, case_id)
+    audit(
+        request,
+        services,
+        principal,
+        action="review.read",
+        resource_type="review_case",
+        resource_id=str(case_id),
+    )
+    return out
+
+
+@router.get("/cases/{case_id}/view", response_class=HTMLResponse)
+def case_view(
+    request: Request, services: ServicesDep, principal: Reviewer, case_id: UUID
+) -> HTMLResponse:
+    out = _case_view(services, principal, case_id)
+    audit(
+        request,
+        services,
+        principal,
+        action="review.read",
+        resource_type="review_case",
+        resource_id=str(case_id),
+    )
+    return HTMLResponse(render.case(out))
+
+
+def _act(
+    request: Request,
+    services: ServicesDep,
+    principal: Principal,
+    action: str,
+    case_id: UUID,
+    fn: Any,
+) -> dict[str, Any]:
+    try:
+        with translate_errors(), services.pool.connection() as conn:
+            case = fn(conn)
+    except review.ReviewConflict:
+        audit(
+            request,
+            services,
+            principal,
+            action=action,
+            resource_type="review_case",
+            resource_id=str(case_id),
+            outcome="conflict",
+        )
+        raise
+    audit(
+        request,
+        services,
+        principal,
+        action=action,
+        resource_type="review_case",
+        resource_id=str(case_id),
+    )
+    return _public(case)
+
+
+@router.post("/cases/{case_id}/claim")
+def claim(
+    request: Request, services: ServicesDep, principal: Reviewer, case_id: UUID
+) -> dict[str, Any]:
+    return _act(
+        request,
+        services,
+        principal,
+        "review.claim",
+        case_id,
+        lambda conn: review.claim(conn, principal.tenant_id, case_id, principal),
+    )
+
+
+@router.post("/cases/{case_id}/release")
+def release(
+    request: Request, services: ServicesDep, principal: Reviewer, case_id: UUID
+) -> dict[str, Any]:
+    return _act(
+        request,
+        services,
+        principal,
+        "review.release",
+        case_id,
+        lambda conn: review.release(conn, principal.tenant_id, case_id, principal),
+    )
+
+
+@router.post("/cases/{case_id}/verdict")
+def verdict(
+    request: Request, services: ServicesDep, principal: Reviewer, case_id: UUID, body: VerdictIn
+) -> dict[str, Any]:
+    labels = _labels(services)
+    out = _act(
+        request,
+        services,
+        principal,
+        "review.verdict",
+        case_id,
+        lambda conn: review.record_verdict(
+            conn,
+            principal.tenant_id,
+            case_id,
+            principal,
+            verdict=body.verdict,
+            correct_label=body.correct_label,
+            note=body.note,
+            labels=labels,
+        ),
+    )
+    # Verdicts change the report: a new revision (old ones kept).
+    out["report_revision"] = regenerate.after_review(
+        services.pool, services.store, UUID(out["study_id"])
+    )
+    return out
+
+
+@router.get("/stats")
+def stats(
+    services: ServicesDep,
+    principal: Reviewer,
+    model: Annotated[str, Query(pattern="^[A-Za-z0-9_.-]{1,64}$")] = REVIEW_MODEL,
+) -> dict[str, Any]:
+    with translate_errors(), services.pool.connection() as conn:
+        rows = review.stats_dicts(conn, model, tenant_id=principal.tenant_id)
+    return {"model": model, "versions": rows}

@@ -1,0 +1,191 @@
+"""Confidence gate: which studies a clinician must review, why, and how urgently.
+
+Thresholds are per model and version (table ``gate_thresholds``; version 0 = the model's
+default), falling back to the worker's settings. The gate reads the study's stored results
+(live and shadow arms) and the instances' preprocessing warnings and returns reason codes:
+
+- ``low_confidence``      live top-class confidence below ``min_confidence``
+- ``high_entropy``        entropy (nats) of the live class probabilities above ``max_entropy``
+- ``shadow_disagreement`` a shadow version's label differs from the live label on an instance
+- ``lossy_source`` / ``unusual_photometric`` / ``frames_dropped``  preprocessing warnings
+- ``instance_failed``     an instance of the study could not be processed
+- ``critical_finding``    a non-normal finding's probability at or above ``critical_probability``
+
+Urgency orders the review queue (higher first, then oldest first): a critical finding adds
+``URGENCY_CRITICAL``, a STAT study adds ``URGENCY_STAT``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import numpy as np
+from psycopg import Connection
+from psycopg.rows import dict_row
+
+from orchestrator import findings
+
+LOW_CONFIDENCE = "low_confidence"
+HIGH_ENTROPY = "high_entropy"
+SHADOW_DISAGREEMENT = "shadow_disagreement"
+LOSSY_SOURCE = "lossy_source"
+UNUSUAL_PHOTOMETRIC = "unusual_photometric"
+FRAMES_DROPPED = "frames_dropped"
+INSTANCE_FAILED = "instance_failed"
+CRITICAL_FINDING = "critical_finding"
+REASONS = (
+    CRITICAL_FINDING,
+    LOW_CONFIDENCE,
+    HIGH_ENTROPY,
+    SHADOW_DISAGREEMENT,
+    LOSSY_SOURCE,
+    UNUSUAL_PHOTOMETRIC,
+    FRAMES_DROPPED,
+    INSTANCE_FAILED,
+)
+# Preprocessing warning prefixes (preprocess/pipeline.py) that send a study to review.
+_WARNING_REASONS = {
+    "lossy_source": LOSSY_SOURCE,
+    "unusual_photometric": UNUSUAL_PHOTOMETRIC,
+    "frames_dropped": FRAMES_DROPPED,
+}
+# Urgency steps: critical findings outrank STAT, which outranks routine.
+URGENCY_CRITICAL = 2
+URGENCY_STAT = 1
+# Defaults when no gate_thresholds row matches. Entropy of a two-class 0.8/0.2 split is 0.50
+# nats, of 0.7/0.3 0.61; above 0.6 the model is close to a coin toss.
+DEFAULT_MAX_ENTROPY = 0.6
+# A non-normal finding this probable is treated as critical (urgent review).
+DEFAULT_CRITICAL_PROBABILITY = 0.9
+# Labels that are never findings.
+NORMAL_LABELS = frozenset({"normal"})
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_confidence: float
+    max_entropy: float = DEFAULT_MAX_ENTROPY
+    critical_probability: float = DEFAULT_CRITICAL_PROBABILITY
+
+
+@dataclass
+class Decision:
+    reasons: list[str] = field(default_factory=list)
+    urgency: int = 0
+    # Per reason: what tripped it (model, version, arm, instance, value); no patient data.
+    details: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def add(self, reason: str, **detail: Any) -> None:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        self.details.setdefault(reason, []).append(detail)
+
+
+def thresholds(conn: Connection, model: str, version: int, default_confidence: float) -> Thresholds:
+    """The thresholds for ``model`` ``version``: its own row, else the model's, else defaults."""
+    row = conn.execute(
+        "SELECT min_confidence, max_entropy, critical_probability FROM gate_thresholds"
+        " WHERE model = %s AND version IN (%s, 0) ORDER BY version DESC LIMIT 1",
+        (model, version),
+    ).fetchone()
+    if row is None:
+        return Thresholds(min_confidence=default_confidence)
+    return Thresholds(float(row[0]), float(row[1]), float(row[2]))
+
+
+def set_thresholds(
+    conn: Connection, model: str, version: int, t: Thresholds, *, actor: str | None = None
+) -> None:
+    conn.execute(
+        "INSERT INTO gate_thresholds (model, version, min_confidence, max_entropy,"
+        " critical_probability, updated_by) VALUES (%s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (model, version) DO UPDATE SET min_confidence = EXCLUDED.min_confidence,"
+        " max_entropy = EXCLUDED.max_entropy,"
+        " critical_probability = EXCLUDED.critical_probability,"
+        " updated_by = EXCLUDED.updated_by, updated_at = now()",
+        (model, version, t.min_confidence, t.max_entropy, t.critical_probability, actor),
+    )
+
+
+def _probabilities(outputs: dict[str, Any], output_name: str | None) -> np.ndarray | None:
+    value = outputs.get(output_name) if output_name else None
+    if value is None:
+        return None
+    arr = np.asarray(value, dtype=np.float64).ravel()
+    return arr if arr.size else None
+
+
+def evaluate(
+    conn: Connection,
+    study: dict[str, Any],
+    *,
+    failed: dict[UUID, str],
+    warnings: dict[UUID, tuple[str, ...]],
+    prob_outputs: dict[str, str],
+    default_confidence: float,
+    triage_model: str = "triage",
+) -> Decision:
+    """Decide review for a processed study from its stored results.
+
+    ``prob_outputs`` names each model's class-probability output tensor (from config.pbtxt).
+    Low confidence and entropy are judged on the triage model's live arm; critical findings
+    on any model's live findings; shadow disagreement on every model.
+    """
+    decision = Decision()
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            "SELECT instance_id, model, version, arm, label, confidence, outputs, findings"
+            " FROM results WHERE study_id = %s ORDER BY model, arm, version",
+            (study["id"],),
+        ).fetchall()
+    cache: dict[tuple[str, int], Thresholds] = {}
+
+    def limits(model: str, version: int) -> Thresholds:
+        if (model, version) not in cache:
+            cache[(model, version)] = thresholds(conn, model, version, default_confidence)
+        return cache[(model, version)]
+
+    live = {(r["model"], r["instance_id"]): r for r in rows if r["arm"] == "live"}
+    for r in rows:
+        model, version, inst = r["model"], int(r["version"]), str(r["instance_id"])
+        where = {"model": model, "version": version, "arm": r["arm"], "instance": inst}
+        if r["arm"] == "shadow":
+            ref = live.get((model, r["instance_id"]))
+            if ref is not None and ref["label"] != r["label"]:
+                decision.add(
+                    SHADOW_DISAGREEMENT,
+                    **where,
+                    live_version=int(ref["version"]),
+                    live_label=ref["label"],
+                    shadow_label=r["label"],
+                )
+            continue
+        t = limits(model, version)
+        if model == triage_model:
+            confidence = float(r["confidence"])
+            if confidence < t.min_confidence:
+                decision.add(LOW_CONFIDENCE, **where, value=round(confidence, 4))
+            probs = _probabilities(r["outputs"], prob_outputs.get(model))
+            if probs is not None:
+                h = findings.entropy(probs)
+                if h > t.max_entropy:
+                    decision.add(HIGH_ENTROPY, **where, value=round(h, 4))
+        for f in r["findings"] or []:
+            p = float(f.get("probability", 0.0))
+            if f.get("code") not in NORMAL_LABELS and p >= t.critical_probability:
+                decision.add(CRITICAL_FINDING, **where, code=f.get("code"), value=round(p, 4))
+    for inst_id, inst_warnings in warnings.items():
+        for w in inst_warnings:
+            reason = _WARNING_REASONS.get(w.split(":", 1)[0])
+            if reason:
+                decision.add(reason, instance=str(inst_id), warning=w)
+    for inst_id in failed:
+        decision.add(INSTANCE_FAILED, instance=str(inst_id))
+    decision.reasons.sort(key=REASONS.index)
+    if CRITICAL_FINDING in decision.reasons:
+        decision.urgency += URGENCY_CRITICAL
+    if study.get("priority") == "stat":
+        decision.urgency += URGENCY_STAT
+    return decision

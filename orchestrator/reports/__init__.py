@@ -1,0 +1,19 @@
+"""Report renderings beside the JSON report (``orchestrator.report``, ``medtriage.report/1``).
+
+Every format is rendered from one stored JSON revision, so all formats of a revision say
+the same thing: ``html`` (self-contained page), ``pdf`` (reportlab), ``sr`` (DICOM
+Comprehensive 3D SR with a TID1500 measurement report, highdicom).
+"""
+
+from __future__ import annotations
+
+# Format -> content type of GET /v1/studies/{id}/report?format=...
+CONTENT_TYPES = {
+    "json": "application/json",
+    "html": "text/html; charset=utf-8",
+    "pdf": "application/pdf",
+    "sr": "application/dicom",
+}
+# Format -> object key extension.
+EXTENSIONS = {"json": "json", "html": "html", "pdf": "pdf", "sr": "sr.dcm"}
+FORMATS = tuple(CONTENT_TYPES)

@@ -38,18 +38,16 @@ def _cmd_keys_create(args: argparse.Namespace, settings: CliSettings) -> int:
 
 
 def _cmd_api(args: argparse.Namespace, settings: CliSettings) -> int:
-    import uvicorn
-
     from orchestrator.api import create_app
+    from orchestrator.security import tls
 
     api_settings = ApiSettings()
-    uvicorn.run(
+    tls.serve(
         create_app(api_settings),
         host=api_settings.host,
         port=api_settings.port,
-        log_level="warning",
-        # The access log prints full URLs; ours carry only opaque ids, but keep it quiet.
-        access_log=False,
+        certfile=api_settings.tls_certfile,
+        keyfile=api_settings.tls_keyfile,
     )
     return 0
 
@@ -165,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     from orchestrator import models_cli
 
     models_cli.add_parser(sub)
+    from orchestrator import ops_cli
+
+    ops_cli.add_parser(sub)
     return parser
 
 

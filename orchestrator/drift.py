@@ -71,7 +71,8 @@ def _shares(counts: np.ndarray | tuple[int, ...]) -> np.ndarray:
     total = arr.sum()
     if total <= 0:
         raise ValueError("a histogram with no observations has no distribution")
-    return arr / total
+    shares: np.ndarray = arr / total
+    return shares
 
 
 def psi(reference: np.ndarray | tuple[int, ...], live: np.ndarray | tuple[int, ...]) -> float:

@@ -87,7 +87,7 @@ def queue_depth(redis: Redis, queue_name: str) -> int:
 
 def oldest_queued_age_s(redis: Redis, queue_name: str) -> float:
     """Seconds the job at the head of the queue has waited; 0 when the queue is empty."""
-    for jid in Queue(queue_name, connection=redis).get_job_ids(0, 0):
+    for jid in Queue(queue_name, connection=redis).get_job_ids(0, 1):
         try:
             job = Job.fetch(jid, connection=redis)
         except NoSuchJobError:

@@ -87,6 +87,10 @@ def settings_env(
         "MEDTRIAGE_TRITON_GRPC_URL": triton.grpc_url,  # type: ignore[attr-defined]
         "MEDTRIAGE_TRITON_HTTP_URL": triton.http_url,  # type: ignore[attr-defined]
         "MEDTRIAGE_HOME": str(HOME),
+        # Functional tests poll many studies at once through one key; the per-key limiter
+        # has its own test (test_jwt.py) with tight limits.
+        "MEDTRIAGE_RATE_LIMIT_PER_S": "1000",
+        "MEDTRIAGE_RATE_LIMIT_BURST": "5000",
     }
 
 

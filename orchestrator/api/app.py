@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from orchestrator import metrics
 from orchestrator import queue as jobqueue
 from orchestrator.api import admin as admin_api
-from orchestrator.api import events, health, metrics_collectors, models, studies
+from orchestrator.api import events, health, metrics_collectors, models, ops, studies
 from orchestrator.api import review as review_api
 from orchestrator.api.deps import Services
 from orchestrator.db import connect_pool, upgrade
@@ -97,6 +97,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(studies.router)
     app.include_router(models.router)
+    app.include_router(ops.router)
     app.include_router(admin_api.router)
     app.include_router(events.router)
     app.include_router(review_api.router)
@@ -129,7 +130,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     @app.exception_handler(MedtriageError)
     async def medtriage_error(request: Request, exc: MedtriageError) -> JSONResponse:
         headers = getattr(exc, "headers", None)  # e.g. RateLimited's Retry-After
-        if isinstance(exc, DependencyUnavailable):
+        if isinstance(exc, DependencyUnavailable) and headers is None:
             headers = {"Retry-After": "5"}
         if exc.http_status >= 500:
             log.warning("%s %s -> %s", request.method, request.url.path, type(exc).__name__)

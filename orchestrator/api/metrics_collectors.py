@@ -182,6 +182,10 @@ def render(registry: CollectorRegistry | None) -> bytes:
     return body + generate_latest(registry) if registry is not None else body
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def worker_targets(services: Services) -> list[dict[str, Any]]:
     """Prometheus HTTP service discovery: the metrics endpoints of workers alive in RQ."""
     settings = services.settings
@@ -191,5 +195,6 @@ def worker_targets(services: Services) -> list[dict[str, Any]]:
         raw = services.redis.hgetall(m.endpoints_key(settings.queue_prefix))
     except RedisError:
         return []
-    targets = sorted(v.decode() for k, v in raw.items() if k.decode() in alive)
+    pairs = {_text(k): _text(v) for k, v in raw.items()}
+    targets = sorted(v for k, v in pairs.items() if k in alive)
     return [{"targets": targets, "labels": {"job": "medtriage-worker"}}] if targets else []

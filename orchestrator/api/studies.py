@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from orchestrator import ingest, metrics
+from orchestrator import backpressure, ingest, metrics
 from orchestrator.api import uploads
 from orchestrator.api.deps import Reader, ServicesDep, Uploader, audit
 from orchestrator.db import studies as db
@@ -85,6 +85,14 @@ async def create_study(
         raise PayloadTooLarge(
             f"request body of {length} bytes exceeds the {settings.max_upload_bytes}-byte limit"
         )
+    # Before reading or storing anything: refused uploads leave nothing behind.
+    backpressure.check_upload(
+        request.app.state,
+        services.redis,
+        settings.queue_name,
+        settings.max_queue_depth,
+        settings.max_queue_age_s,
+    )
     payload, rejected = await uploads.rest_payload(request, files, settings.max_upload_bytes)
     return uploads.idempotent(
         request,

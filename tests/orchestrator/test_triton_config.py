@@ -60,11 +60,11 @@ def test_load_repository_reads_every_model() -> None:
 
 
 def test_versions_are_numeric_directories_on_disk(repo: Path) -> None:
-    for name in ("3", "1", "10", "latest", "2.bak"):
+    for name in ("3", "10", "latest", "2.bak"):
         (repo / "triage" / name).mkdir(exist_ok=True)
     (repo / "triage" / "7").write_text("a file, not a version")
 
-    assert load_model_spec(repo, "triage").versions == (1, 3, 10)
+    assert load_model_spec(repo, "triage").versions == (1, 2, 3, 10)
 
 
 def test_datatypes_use_triton_wire_names(repo: Path) -> None:

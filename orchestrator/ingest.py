@@ -40,9 +40,14 @@ class FileOutcome:
     category: str | None = None
     study_id: UUID | None = None
     instance_id: UUID | None = None
+    # What the file said it was, when it could be read (STOW-RS and C-STORE answer with these).
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
 
     def public(self) -> dict[str, Any]:
         out: dict[str, Any] = {"filename": self.filename, "outcome": self.outcome}
+        if self.sop_instance_uid:
+            out["sop_instance_uid"] = self.sop_instance_uid
         if self.reason:
             out["reason"] = self.reason
             out["category"] = self.category
@@ -83,25 +88,50 @@ def _ingest_one(
     *,
     max_pixels: int,
     priority: str | None,
+    expect_study_uid: str | None = None,
 ) -> FileOutcome:
     try:
         ds = preprocess.read_dicom(data)
+    except preprocess.PreprocessError as exc:
+        return FileOutcome(filename, REJECTED, str(exc), exc.category)
+    try:
+        sop_class_uid = str(ds.get("SOPClassUID", "") or "")
+        sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+    except Exception as exc:  # noqa: BLE001 - pydicom parses values lazily; corrupt ones raise
+        return FileOutcome(
+            filename, REJECTED, f"{filename}: unreadable header ({type(exc).__name__})", "malformed"
+        )
+
+    def refuse(reason: str, category: str) -> FileOutcome:
+        return FileOutcome(
+            filename,
+            REJECTED,
+            reason,
+            category,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_uid,
+        )
+
+    try:
         preprocess.check_image(ds, max_pixels=max_pixels)
         study_uid = str(ds.StudyInstanceUID)
         series_uid = str(ds.SeriesInstanceUID)
         sop_uid = str(ds.SOPInstanceUID)
     except preprocess.PreprocessError as exc:
-        return FileOutcome(filename, REJECTED, str(exc), exc.category)
+        return refuse(str(exc), exc.category)
     except AttributeError as exc:
         missing = str(exc).split("'")[-2] if "'" in str(exc) else "a required UID"
-        return FileOutcome(
-            filename,
-            REJECTED,
+        return refuse(
             f"{filename}: missing {missing}; every instance needs "
             "StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID",
             "missing_uid",
         )
-
+    if expect_study_uid is not None and study_uid != expect_study_uid:
+        return refuse(
+            f"{filename}: StudyInstanceUID {study_uid} does not match the study in the "
+            f"request URL ({expect_study_uid})",
+            "study_mismatch",
+        )
     instance_id = uuid.uuid4()
     with translate_errors(), pool.connection() as conn:
         study_id = db.upsert_study(
@@ -113,7 +143,9 @@ def _ingest_one(
         )
         if db.instance_exists(conn, study_id=study_id, sop_uid=sop_uid):
             conn.rollback()
-            return FileOutcome(filename, DUPLICATE, None, None, study_id)
+            return FileOutcome(
+                filename, DUPLICATE, None, None, study_id, None, sop_class_uid, sop_uid
+            )
         key = original_key(str(principal.tenant_id), str(study_id), str(instance_id))
         store.put(key, data, content_type="application/dicom")
         try:
@@ -144,8 +176,12 @@ def _ingest_one(
             raise
         if not inserted:  # lost a race with the same instance arriving concurrently
             store.delete(key)
-            return FileOutcome(filename, DUPLICATE, None, None, study_id)
-    return FileOutcome(filename, ACCEPTED, None, None, study_id, instance_id)
+            return FileOutcome(
+                filename, DUPLICATE, None, None, study_id, None, sop_class_uid, sop_uid
+            )
+    return FileOutcome(
+        filename, ACCEPTED, None, None, study_id, instance_id, sop_class_uid, sop_uid
+    )
 
 
 def ingest(
@@ -159,11 +195,21 @@ def ingest(
     max_pixels: int,
     job_timeout_s: int,
     priority: str | None = None,
+    expect_study_uid: str | None = None,
 ) -> IngestResult:
+    """Ingest each file and queue the studies that gained instances. With
+    ``expect_study_uid`` (STOW-RS to /studies/{uid}) instances of other studies are refused."""
     result = IngestResult()
     for filename, data in files:
         outcome = _ingest_one(
-            pool, store, principal, filename, data, max_pixels=max_pixels, priority=priority
+            pool,
+            store,
+            principal,
+            filename,
+            data,
+            max_pixels=max_pixels,
+            priority=priority,
+            expect_study_uid=expect_study_uid,
         )
         result.files.append(outcome)
         if outcome.study_id is not None:

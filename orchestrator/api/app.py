@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from orchestrator import metrics
 from orchestrator import queue as jobqueue
 from orchestrator.api import admin as admin_api
+from orchestrator.api import dicomweb as dicomweb_api
 from orchestrator.api import events, health, metrics_collectors, models, ops, studies
 from orchestrator.api import review as review_api
 from orchestrator.api.deps import Services
@@ -100,6 +101,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(admin_api.router)
     app.include_router(events.router)
+    app.include_router(dicomweb_api.router)
     app.include_router(review_api.router)
     app.include_router(review_api.page_router)
 

@@ -29,6 +29,8 @@ REVIEW = {"reviewer", "admin"}
 
 ALLOWED: dict[tuple[str, str], set[str]] = {
     ("POST", "/v1/studies"): {"uploader", "admin"},
+    ("POST", "/dicomweb/studies"): {"uploader", "admin"},
+    ("POST", "/dicomweb/studies/{study_instance_uid}"): {"uploader", "admin"},
     ("GET", "/v1/studies"): READ_PATIENT_DATA,
     ("GET", "/v1/studies/{study_id}"): READ_PATIENT_DATA,
     ("GET", "/v1/studies/{study_id}/instances/{instance_id}/preview"): READ_PATIENT_DATA,

@@ -27,6 +27,8 @@ WAIT_S = 120.0
 TENANT_OWNED = {"study_id", "instance_id", "case_id", "webhook_id", "report_id"}
 # Path parameters naming platform-wide resources (models are shared by every tenant).
 GLOBAL = {"model", "version"}
+# Upload routes store into the caller's tenant (a StudyInstanceUID is scoped per tenant).
+UPLOADS = {"/v1/studies", "/dicomweb/studies", "/dicomweb/studies/{study_instance_uid}"}
 # Streaming routes are read only until the status line arrives.
 STREAM_TIMEOUT_S = 5.0
 
@@ -138,7 +140,7 @@ def test_replaying_tenant_a_ids_as_tenant_b_never_succeeds(
             params = set(re.findall(r"\{(\w+)\}", path))
             if params & GLOBAL and not params & TENANT_OWNED:
                 continue  # platform-wide resources: no tenant data to replay
-            if method == "POST" and path == "/v1/studies":
+            if method == "POST" and path in UPLOADS:
                 continue  # creates in the caller's own tenant; nothing of A's is named
             url = _concrete(path, ids)
             status, text = _call(b, method, url, ids)

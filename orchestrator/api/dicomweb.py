@@ -1,0 +1,146 @@
+"""DICOMweb STOW-RS: ``POST /dicomweb/studies`` and ``POST /dicomweb/studies/{uid}``.
+
+The body is ``multipart/related; type="application/dicom"``, one DICOM Part 10 instance per
+part. The answer is the Store Instances Response (PS3.18 §10.5.3) as ``application/dicom+json``
+(or ``application/dicom+xml`` when the Accept header asks for it): 200 when every instance
+was stored (or already was), 202 when some failed, 409 when none could be stored. Each
+failure's reason in words is also sent as a ``Warning: 299`` header.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from orchestrator import backpressure, dicomweb, ingest, metrics
+from orchestrator.api import uploads
+from orchestrator.api.deps import ServicesDep, Uploader, audit
+from orchestrator.db.keys import Principal
+from orchestrator.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from orchestrator.ingest import ACCEPTED, REJECTED, FileOutcome
+
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+
+# A UID: digits and dots, at most 64 characters (PS3.5 §9.1).
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID_MAX = 64
+# At most this many Warning headers (one per failed instance) on a response.
+_MAX_WARNINGS = 20
+
+
+@router.post("/studies")
+async def store_instances(request: Request, services: ServicesDep, principal: Uploader) -> Response:
+    return await _store(request, services, principal, None)
+
+
+@router.post("/studies/{study_instance_uid}")
+async def store_study_instances(
+    request: Request, services: ServicesDep, principal: Uploader, study_instance_uid: str
+) -> Response:
+    if len(study_instance_uid) > _UID_MAX or not _UID.match(study_instance_uid):
+        raise BadRequest(f"{study_instance_uid[:80]!r} is not a StudyInstanceUID")
+    return await _store(request, services, principal, study_instance_uid)
+
+
+def _wants_xml(request: Request) -> bool:
+    accept = request.headers.get("accept", "").lower()
+    return dicomweb.DICOM_XML in accept and dicomweb.DICOM_JSON not in accept
+
+
+async def _store(
+    request: Request, services: ServicesDep, principal: Principal, study_uid: str | None
+) -> Response:
+    settings = services.settings
+    length = int(request.headers.get("content-length") or 0)
+    if length > settings.max_upload_bytes:
+        raise PayloadTooLarge(
+            f"request body of {length} bytes exceeds the {settings.max_upload_bytes}-byte limit"
+        )
+    essence, params = uploads.media_type(request)
+    if essence != "multipart/related":
+        raise UnsupportedMediaType(
+            f'STOW-RS takes multipart/related; type="application/dicom", not {essence or "(none)"!r}'
+        )
+    part_type = params.get("type", uploads.DICOM_TYPE).lower()
+    if part_type != uploads.DICOM_TYPE:
+        raise UnsupportedMediaType(
+            f"multipart/related type {part_type!r} is not supported: send DICOM Part 10 "
+            'instances with type="application/dicom"'
+        )
+    backpressure.check_upload(
+        request.app.state,
+        services.redis,
+        settings.queue_name,
+        settings.max_queue_depth,
+        settings.max_queue_age_s,
+    )
+    body = await uploads.read_body(request, settings.max_upload_bytes)
+    parts = dicomweb.split_related(body, params.get("boundary", ""))
+    del body
+    if not parts:
+        raise BadRequest("multipart body holds no parts: send one DICOM instance per part")
+    files: list[tuple[str, bytes]] = []
+    refused: list[tuple[int, FileOutcome]] = []
+    for index, (headers, content) in enumerate(parts):
+        name = headers.get("content-location") or f"part-{index + 1}"
+        ctype = headers.get("content-type", uploads.DICOM_TYPE).split(";")[0].strip().lower()
+        if ctype != uploads.DICOM_TYPE:
+            reason = f"{name}: part Content-Type {ctype!r} is not application/dicom"
+            refused.append((index, FileOutcome(name, REJECTED, reason, "media_type")))
+        else:
+            files.append((name, content))
+    result = ingest.ingest(
+        services.pool,
+        services.store,
+        services.redis,
+        settings.queue_name,
+        principal,
+        files,
+        max_pixels=settings.max_pixels,
+        job_timeout_s=settings.job_timeout_s,
+        expect_study_uid=study_uid,
+    )
+    for (_, data), outcome in zip(files, result.files, strict=True):
+        metrics.observe_upload("stow", outcome.outcome, len(data))
+    outcomes = list(result.files)
+    for index, outcome in refused:
+        metrics.observe_upload("stow", outcome.outcome, 0)
+        outcomes.insert(index, outcome)
+    failed = [o for o in outcomes if o.outcome == REJECTED]
+    stored = len(outcomes) - len(failed)
+    audit(
+        request,
+        services,
+        principal,
+        action="study.stow",
+        resource_type="study",
+        resource_id=",".join(str(s) for s in result.studies) or None,
+        outcome="ok" if stored else "rejected",
+        detail={
+            "accepted": sum(o.outcome == ACCEPTED for o in outcomes),
+            "stored": stored,
+            "failed": len(failed),
+        },
+    )
+    status = 200 if not failed else (202 if stored else 409)
+    response = dicomweb.store_response(outcomes)
+    warnings = [
+        f'299 medtriage "{_header_text(o.reason or "refused")}"' for o in failed[:_MAX_WARNINGS]
+    ]
+    if _wants_xml(request):
+        content, media = dicomweb.to_xml(response), dicomweb.DICOM_XML
+    else:
+        content, media = json.dumps(response.to_json_dict()).encode(), dicomweb.DICOM_JSON
+    out = Response(content=content, status_code=status, media_type=media)
+    for warning in warnings:
+        out.headers.append("Warning", warning)
+    return out
+
+
+def _header_text(text: str) -> str:
+    # Header values are latin-1 without control characters; quotes would end the warn-text.
+    cleaned = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else " " for c in text)
+    return cleaned[:300]

@@ -175,6 +175,7 @@ function signOut(message) {
   sessionStorage.removeItem('medtriage-key');
   document.getElementById('login').hidden = false;
   document.getElementById('app').hidden = true;
+  document.getElementById('key').value = '';
   say(message || 'Signed out.');
   document.getElementById('key').focus();
 }

@@ -3,75 +3,38 @@ claims, verdicts, release, refusals that change nothing, and ground-truth figure
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
 import threading
-import time
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
-from pydicom import dcmread
-from pydicom.uid import generate_uid
 
-from orchestrator.samples import load_samples, radiograph
+from orchestrator.samples import load_samples
 
 pytestmark = pytest.mark.integration
 
 TENANT = "tenant-review"
-TERMINAL = {"done", "failed", "needs_review"}
-WAIT_S = 120.0
 LABELS = ("normal", "pneumonia")
-
-
-def lossy_radiograph(image: Any, study_uid: str, priority: str | None = None) -> bytes:
-    """A radiograph flagged (0028,2110) LossyImageCompression = 01: the gate must send it to
-    review with reason lossy_source whatever the models say."""
-    ds = dcmread(io.BytesIO(radiograph(image, study_uid=study_uid, priority=priority)))
-    ds.LossyImageCompression = "01"
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def _headers(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def upload_and_wait(client: httpx.Client, key: str, data: bytes, priority: str = "routine") -> str:
-    r = client.post(
-        "/v1/studies",
-        params={"priority": priority},
-        files=[("files", ("x.dcm", data, "application/dicom"))],
-        headers=_headers(key),
-    )
-    assert r.status_code == 202, r.text
-    study_id = r.json()["id"]
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        body = client.get(f"/v1/studies/{study_id}", headers=_headers(key)).json()
-        if body["status"] in TERMINAL:
-            assert body["status"] == "needs_review", body
-            return str(study_id)
-        time.sleep(0.2)
-    raise AssertionError(f"study {study_id} not finished in {WAIT_S}s")
-
-
 @pytest.fixture(scope="module")
-def world(stack: Any, make_key: Any, database_url: str) -> dict[str, Any]:
+def world(stack: Any, make_key: Any, database_url: str, review_study: Any) -> dict[str, Any]:
     """Three lossy studies of one tenant (routine, STAT, routine) and two reviewers."""
     images, _ = load_samples()
     uploader = make_key("uploader", tenant=TENANT)
     client = httpx.Client(base_url=stack.api_url, timeout=60)
     studies = {
-        "a": upload_and_wait(client, uploader, lossy_radiograph(images[0], generate_uid())),
-        "b": upload_and_wait(
-            client, uploader, lossy_radiograph(images[1], generate_uid()), priority="stat"
-        ),
-        "c": upload_and_wait(client, uploader, lossy_radiograph(images[2], generate_uid())),
+        "a": review_study(client, uploader, images[0]),
+        "b": review_study(client, uploader, images[1], priority="stat"),
+        "c": review_study(client, uploader, images[2]),
     }
     with psycopg.connect(database_url) as conn:
         cases = {

@@ -171,8 +171,11 @@ def _ingest_one(
             )
             conn.commit()
         except BaseException:
-            conn.rollback()
-            store.delete(key)
+            # The rollback fails too when the database itself went away: delete regardless.
+            try:
+                conn.rollback()
+            finally:
+                store.delete(key)
             raise
         if not inserted:  # lost a race with the same instance arriving concurrently
             store.delete(key)

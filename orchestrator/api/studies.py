@@ -21,6 +21,7 @@ from orchestrator.db import studies as db
 from orchestrator.db import translate_errors
 from orchestrator.db.keys import Principal
 from orchestrator.errors import InvalidUpload, NotFound, PayloadTooLarge
+from orchestrator.reports import CONTENT_TYPES, EXTENSIONS, regenerate
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
@@ -314,14 +315,15 @@ def get_report(
     services: ServicesDep,
     principal: Reader,
     study_id: UUID,
-    format: Annotated[str, Query(pattern="^json$")] = "json",
+    format: Annotated[str, Query(pattern="^(json|html|pdf|sr)$")] = "json",
+    revision: Annotated[int | None, Query(ge=1)] = None,
 ) -> Response:
+    """The newest (or the given) revision of the report as JSON, HTML, PDF or DICOM SR."""
     _load(services, principal, study_id)
-    with translate_errors(), services.pool.connection() as conn:
-        reports = [r for r in db.reports(conn, study_id) if r["format"] == format]
-    if not reports:
-        raise NotFound(f"study {study_id} has no {format} report yet")
-    data = services.store.get(reports[0]["object_key"])
+    with translate_errors():
+        data, number = regenerate.rendered(
+            services.pool, services.store, study_id, format, revision=revision
+        )
     audit(
         request,
         services,
@@ -329,6 +331,10 @@ def get_report(
         action="report.read",
         resource_type="study",
         resource_id=str(study_id),
-        detail={"revision": reports[0]["revision"]},
+        detail={"revision": number, "format": format},
     )
-    return Response(content=data, media_type="application/json")
+    headers = {"X-Report-Revision": str(number)}
+    if format in ("pdf", "sr"):
+        name = f"report-{study_id}-r{number}.{EXTENSIONS[format]}"
+        headers["Content-Disposition"] = f'attachment; filename="{name}"'
+    return Response(content=data, media_type=CONTENT_TYPES[format], headers=headers)

@@ -1,13 +1,17 @@
-"""Report revisions after the pipeline: a new one when a reviewer closes a case.
+"""Report revisions after the pipeline, and the other formats of a revision.
 
 Revisions are never rewritten: a verdict adds revision N+1 (JSON, from the database as it is
 now, verdict included) and the earlier revisions stay in the object store and the
-``reports`` table.
+``reports`` table. HTML, PDF and SR are rendered from a stored JSON revision on first
+request and stored beside it, so every later request (and every format) of that revision
+says the same thing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from uuid import UUID
 
 from psycopg_pool import ConnectionPool
@@ -15,6 +19,9 @@ from psycopg_pool import ConnectionPool
 from orchestrator import report
 from orchestrator.db import claims
 from orchestrator.db import studies as db
+from orchestrator.errors import NotFound
+from orchestrator.reports import CONTENT_TYPES, EXTENSIONS, context, html, pdf, sr
+from orchestrator.reports.context import ReportContext
 from orchestrator.storage import ObjectStore, report_key
 
 log = logging.getLogger(__name__)
@@ -38,3 +45,55 @@ def after_review(pool: ConnectionPool, store: ObjectStore, study_id: UUID) -> in
         db.insert_report(conn, study_id=study_id, revision=revision, fmt="json", object_key=key)
     log.info("study %s: report revision %d after review", study_id, revision)
     return revision
+
+
+RENDERERS: dict[str, Callable[[ReportContext, int], bytes]] = {
+    "html": html.render,
+    "pdf": pdf.render,
+    "sr": sr.render,
+}
+
+
+def rendered(
+    pool: ConnectionPool,
+    store: ObjectStore,
+    study_id: UUID,
+    fmt: str,
+    *,
+    revision: int | None = None,
+) -> tuple[bytes, int]:
+    """``fmt`` of ``revision`` (default: the newest) of the study's report, and its number.
+
+    The caller has checked the tenant. Rendering holds the study row, so two first requests
+    for one format render it once and both get the stored object.
+    """
+    with pool.connection() as conn:
+        conn.execute("SELECT 1 FROM studies WHERE id = %s FOR UPDATE", (study_id,))
+        rows = db.reports(conn, study_id)
+        revisions = sorted({r["revision"] for r in rows if r["format"] == "json"}, reverse=True)
+        if not revisions:
+            raise NotFound(f"study {study_id} has no report yet")
+        target = revision if revision is not None else revisions[0]
+        if target not in revisions:
+            raise NotFound(f"study {study_id} has no report revision {target}")
+        stored = {r["format"]: r["object_key"] for r in rows if r["revision"] == target}
+        if fmt in stored:
+            return store.get(stored[fmt]), target
+        report = json.loads(store.get(stored["json"]))
+        study = db.get_study(conn, study_id, tenant_id=None)
+        assert study is not None
+        ctx = context.load(
+            store,
+            report,
+            db.instances(conn, study_id),
+            previews=fmt in ("html", "pdf"),
+            sources=fmt == "sr",
+        )
+        if fmt == "sr" and not ctx.sources:
+            raise NotFound(f"study {study_id} has no image an SR could reference")
+        body = RENDERERS[fmt](ctx, target)
+        key = report_key(str(study["tenant_id"]), str(study_id), target, EXTENSIONS[fmt])
+        store.put(key, body, content_type=CONTENT_TYPES[fmt])
+        db.insert_report(conn, study_id=study_id, revision=target, fmt=fmt, object_key=key)
+    log.info("study %s: rendered %s of report revision %d", study_id, fmt, target)
+    return body, target

@@ -21,7 +21,7 @@ from orchestrator.errors import BadRequest, PayloadTooLarge
 DEFAULT_MAX_MEMBERS = 20_000
 # Read members in chunks of this size so the running total is checked while inflating.
 _CHUNK = 1 << 20
-_LITTER_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+LITTER_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 ZIP_MAGIC = b"PK\x03\x04"
 EMPTY_ZIP_MAGIC = b"PK\x05\x06"
 
@@ -37,11 +37,11 @@ def is_zip(data: bytes) -> bool:
     return data[:4] in (ZIP_MAGIC, EMPTY_ZIP_MAGIC)
 
 
-def _skipped(info: zipfile.ZipInfo) -> bool:
+def skipped(info: zipfile.ZipInfo) -> bool:
     path = PurePosixPath(info.filename)
     if info.is_dir() or "__MACOSX" in path.parts:
         return True
-    return path.name in _LITTER_NAMES or path.name.startswith("._") or path.name == "DICOMDIR"
+    return path.name in LITTER_NAMES or path.name.startswith("._") or path.name == "DICOMDIR"
 
 
 def unpack(
@@ -59,7 +59,7 @@ def unpack(
         raise BadRequest(f"{name}: not a readable zip archive ({exc})") from exc
     out = Unpacked()
     with archive:
-        members = [info for info in archive.infolist() if not _skipped(info)]
+        members = [info for info in archive.infolist() if not skipped(info)]
         if len(members) > max_members:
             raise PayloadTooLarge(
                 f"{name}: {len(members)} members exceed the limit of {max_members}; "

@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     from orchestrator import ops_cli
 
     ops_cli.add_parser(sub)
+    from orchestrator import ingest_cli
+
+    ingest_cli.add_parser(sub)
     return parser
 
 

@@ -79,7 +79,7 @@ def _study_priority(ds: Any, requested: str | None) -> str:
     return "routine"
 
 
-def _ingest_one(
+def ingest_file(
     pool: ConnectionPool,
     store: ObjectStore,
     principal: Principal,
@@ -139,7 +139,8 @@ def _ingest_one(
             tenant_id=principal.tenant_id,
             study_uid=study_uid,
             priority=_study_priority(ds, priority),
-            created_by=principal.key_id,
+            # Only API keys have an api_keys row; people and services are in the audit log.
+            created_by=principal.key_id if principal.kind == "key" else None,
         )
         if db.instance_exists(conn, study_id=study_id, sop_uid=sop_uid):
             conn.rollback()
@@ -204,7 +205,7 @@ def ingest(
     ``expect_study_uid`` (STOW-RS to /studies/{uid}) instances of other studies are refused."""
     result = IngestResult()
     for filename, data in files:
-        outcome = _ingest_one(
+        outcome = ingest_file(
             pool,
             store,
             principal,

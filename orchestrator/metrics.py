@@ -52,7 +52,7 @@ ARMS = ("live", "shadow")
 STUDY_OUTCOMES = ("done", "needs_review", "failed")
 IMAGE_OUTCOMES = ("done", "failed")
 UPLOAD_OUTCOMES = ("accepted", "duplicate", "rejected")
-INGEST_PATHS = ("rest", "stow", "dimse")
+INGEST_PATHS = ("rest", "stow", "dimse", "import")
 INFERENCE_ERRORS = ("unavailable", "timeout", "error")
 LABEL_VALUES: dict[str, tuple[str, ...]] = {
     "stage": STAGES,

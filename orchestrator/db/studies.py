@@ -64,6 +64,18 @@ def instance_exists(conn: Connection, *, study_id: UUID, sop_uid: str) -> UUID |
     return UUID(str(row[0])) if row else None
 
 
+def stored_instance(
+    conn: Connection, *, tenant_id: UUID, study_uid: str, sop_uid: str
+) -> UUID | None:
+    """The study holding this SOP instance if the tenant has it (a resumed import skips it)."""
+    row = conn.execute(
+        "SELECT s.id FROM instances i JOIN studies s ON s.id = i.study_id"
+        " WHERE s.tenant_id = %s AND s.study_uid = %s AND i.sop_uid = %s",
+        (tenant_id, study_uid, sop_uid),
+    ).fetchone()
+    return UUID(str(row[0])) if row else None
+
+
 def insert_instance(conn: Connection, **fields: Any) -> bool:
     """Insert an instance row; False when the SOP instance is already stored (duplicate)."""
     cur = conn.execute(

@@ -1,0 +1,142 @@
+"""``medtriage import`` as a real process over the real stack: a generated folder tree with a
+zip and bad files, imported in two runs (the second resumes: what is stored is skipped), a
+summary with reasons, and the imported studies processed by the worker."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+import zipfile
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from orchestrator.samples import load_samples, radiograph
+
+pytestmark = pytest.mark.integration
+
+SIZE = 64
+TENANT = "tenant-import"
+TERMINAL = {"done", "failed", "needs_review"}
+WAIT_S = 120.0
+CLI_TIMEOUT_S = 120
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "import", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+    )
+
+
+def _counts(stdout: str) -> tuple[int, int, int]:
+    m = re.search(r"imported (\d+), duplicate (\d+) \(already stored\), rejected (\d+)", stdout)
+    assert m, stdout
+    return int(m[1]), int(m[2]), int(m[3])
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("import") / "archive"
+    images, _ = load_samples()
+    study1, study2 = generate_uid(), generate_uid()
+    s1a, s1b, s2 = generate_uid(), generate_uid(), generate_uid()
+
+    def instance(i: int, study: str, series: str) -> bytes:
+        return radiograph(images[i], study_uid=study, series_uid=series, size=SIZE)
+
+    first = root / "patientA" / "study1" / "series1"
+    first.mkdir(parents=True)
+    for i in range(3):
+        (first / f"IM{i:04d}").write_bytes(instance(i, study1, s1a))
+    second = root / "patientA" / "study1" / "series2"
+    second.mkdir(parents=True)
+    (second / "IM0000.dcm").write_bytes(instance(3, study1, s1b))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("EXPORT/IM1", instance(4, study2, s2))
+        zf.writestr("EXPORT/IM2", instance(5, study2, s2))
+        zf.writestr("EXPORT/readme.txt", b"exported by a PACS")
+    (root / "patientB").mkdir()
+    (root / "patientB" / "export.zip").write_bytes(buf.getvalue())
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "notes.txt").write_bytes(b"not DICOM")
+    good = instance(6, generate_uid(), generate_uid())
+    (bad / "truncated.dcm").write_bytes(good[:400])
+    ds = dcmread(io.BytesIO(good))
+    del ds.PixelData
+    ds.SOPInstanceUID = generate_uid()
+    ds.save_as(bad / "nopixels.dcm", enforce_file_format=True)
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    return {"root": root, "first": first, "studies": (study1, study2)}
+
+
+def test_import_resumes_and_summarises(
+    stack: Any, settings_env: dict[str, str], tree: dict[str, Any], database_url: str, make_key: Any
+) -> None:
+    # An earlier run that stopped after the first series.
+    partial = _cli(settings_env, str(tree["first"]), "--tenant", TENANT)
+    assert partial.returncode == 0, partial.stderr
+    assert _counts(partial.stdout) == (3, 0, 0)
+
+    full = _cli(settings_env, str(tree["root"]), "--tenant", TENANT)
+    assert full.returncode == 1, full.stderr[-3000:]  # some files were rejected
+    assert _counts(full.stdout) == (3, 3, 4), full.stderr[-3000:]
+    assert "[10/10]" in full.stderr  # progress, .DS_Store skipped
+    rejected = dict(re.findall(r"^  rejected (\S+): (.+)$", full.stdout, re.M))
+    assert set(rejected) == {
+        "bad/notes.txt",
+        "bad/truncated.dcm",
+        "bad/nopixels.dcm",
+        "patientB/export.zip/EXPORT/readme.txt",
+    }
+    assert "DICOM" in rejected["bad/notes.txt"]
+    assert "pixel" in rejected["bad/nopixels.dcm"].lower()
+
+    again = _cli(settings_env, str(tree["root"]), "--tenant", TENANT, "--quiet")
+    assert _counts(again.stdout) == (0, 6, 4)
+    assert again.stderr == ""
+
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT s.id, s.study_uid, count(i.id) FROM studies s"
+            " JOIN tenants t ON t.id = s.tenant_id JOIN instances i ON i.study_id = s.id"
+            " WHERE t.name = %s GROUP BY s.id",
+            (TENANT,),
+        ).fetchall()
+        audits = conn.execute(
+            "SELECT count(*) FROM audit_log WHERE action = 'study.import'"
+        ).fetchone()
+    counts = {uid: n for _, uid, n in rows}
+    study1, study2 = tree["studies"]
+    assert counts == {study1: 4, study2: 2}
+    assert audits is not None and audits[0] >= 3
+
+    key = make_key("reviewer", tenant=TENANT)
+    deadline = time.monotonic() + WAIT_S
+    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}) as c:
+        for study_id, _, _ in rows:
+            while True:
+                status = c.get(f"/v1/studies/{study_id}").json()["status"]
+                if status in TERMINAL or time.monotonic() > deadline:
+                    break
+                time.sleep(0.3)
+            assert status in {"done", "needs_review"}, status
+
+
+def test_import_of_a_missing_path_is_a_clear_error(settings_env: dict[str, str]) -> None:
+    result = _cli(settings_env, "/no/such/folder")
+    assert result.returncode == 2
+    assert "no such file or folder" in result.stderr

@@ -54,12 +54,16 @@ IMAGE_OUTCOMES = ("done", "failed")
 UPLOAD_OUTCOMES = ("accepted", "duplicate", "rejected")
 INGEST_PATHS = ("rest", "stow", "dimse", "import")
 INFERENCE_ERRORS = ("unavailable", "timeout", "error")
+WEBHOOK_OUTCOMES = ("delivered", "retry", "dead")
+REVIEW_FIGURES = ("accuracy", "sensitivity", "specificity")
 LABEL_VALUES: dict[str, tuple[str, ...]] = {
     "stage": STAGES,
     "arm": ARMS,
     "ingest_path": INGEST_PATHS,
     "error": INFERENCE_ERRORS,
     "role": ("uploader", "reviewer", "ml-engineer", "sre", "admin"),
+    "delivery_outcome": WEBHOOK_OUTCOMES,
+    "figure": REVIEW_FIGURES,
 }
 
 # --- API -------------------------------------------------------------------------------
@@ -146,6 +150,19 @@ PREDICTIONS = Counter(
 )
 REVIEW_STUDIES = Counter(
     "medtriage_review_studies_total", "Studies the confidence gate sent to review."
+)
+REVIEWED_PERFORMANCE = Gauge(
+    "medtriage_model_reviewed_performance",
+    "Accuracy, sensitivity and specificity of a model version against clinicians' verdicts"
+    " (every reviewed case; refreshed by the API on each verdict and stats read).",
+    ["model", "version", "figure"],
+)
+
+# --- Delivery ------------------------------------------------------------------------------
+WEBHOOK_DELIVERIES = Counter(
+    "medtriage_webhook_deliveries_total",
+    "Webhook delivery attempts by outcome (delivered; failed and to be retried; dead).",
+    ["delivery_outcome"],
 )
 
 

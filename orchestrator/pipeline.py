@@ -19,7 +19,17 @@ import numpy as np
 from psycopg_pool import ConnectionPool
 
 import preprocess
-from orchestrator import events, findings, gate, metrics, report, retry, review, routing
+from orchestrator import (
+    events,
+    findings,
+    gate,
+    metrics,
+    report,
+    retry,
+    review,
+    routing,
+    webhooks,
+)
 from orchestrator.db import claims
 from orchestrator.db import studies as db
 from orchestrator.db.studies import StudyStatus
@@ -288,6 +298,19 @@ def _write_report(
         db.insert_report(conn, study_id=study_id, revision=revision, fmt="json", object_key=key)
         db.merge_timings(conn, study_id, clock.timings)
         claims.release(conn, study_id, token, status, error)
+        # Queued in the same transaction: exactly one notice per report, sent off this thread.
+        webhooks.emit(
+            conn,
+            study["tenant_id"],
+            webhooks.REPORT_CREATED,
+            {
+                "study_id": str(study_id),
+                "study_instance_uid": study["study_uid"],
+                "status": status.value,
+                "report_revision": revision,
+                "report_url": f"/v1/studies/{study_id}/report",
+            },
+        )
     return True
 
 

@@ -15,6 +15,7 @@ from psycopg import Connection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from orchestrator import metrics
 from orchestrator.db.keys import Principal
 from orchestrator.errors import BadRequest, MedtriageError, NotFound
 from orchestrator.gate import NORMAL_LABELS, Decision
@@ -300,3 +301,14 @@ def figures_by_version(
         s.version: {f: getattr(s, f) for f in FIGURES}
         for s in stats(conn, model, tenant_id=tenant_id)
     }
+
+
+def publish_figures(conn: Connection) -> None:
+    """Refresh the reviewed-performance gauges of every model with reviewed results."""
+    models = [r[0] for r in conn.execute("SELECT DISTINCT model FROM results ORDER BY 1")]
+    for model in models:
+        for s in stats(conn, model):
+            for figure in FIGURES:
+                value = getattr(s, figure)
+                if value is not None:
+                    metrics.REVIEWED_PERFORMANCE.labels(model, str(s.version), figure).set(value)

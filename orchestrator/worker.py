@@ -20,7 +20,7 @@ from uuid import UUID
 from rq import Queue, SimpleWorker
 from rq.job import Job
 
-from orchestrator import events, metrics, reconcile, routing
+from orchestrator import events, metrics, reconcile, routing, webhooks
 from orchestrator import queue as jobqueue
 from orchestrator.db import connect_pool, upgrade
 from orchestrator.inference import TritonInference
@@ -120,6 +120,8 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
         metrics.register_endpoint(redis, settings.queue_prefix, name, host, port)
     background = reconcile.Background(_CONTEXT.pool, settings, name)
     background.start()
+    dispatcher = webhooks.Dispatcher(_CONTEXT.pool)
+    dispatcher.start()
     rq_redis = jobqueue.connect_worker(settings.redis_url)
     worker = _Worker(
         [Queue(settings.queue_name, connection=rq_redis)], connection=rq_redis, name=name
@@ -129,6 +131,7 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
     try:
         worker.work(burst=burst, logging_level="WARNING", with_scheduler=True)
     finally:
+        dispatcher.stop()
         background.stop()
         metrics.unregister_endpoint(redis, settings.queue_prefix, name)
         _CONTEXT.pool.close()

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
-from orchestrator import review
+from orchestrator import review, webhooks
 from orchestrator.api.deps import ServicesDep, audit, require
 from orchestrator.db import translate_errors
 from orchestrator.db.keys import Principal
@@ -220,6 +220,21 @@ def verdict(
     out["report_revision"] = regenerate.after_review(
         services.pool, services.store, UUID(out["study_id"])
     )
+    with translate_errors(), services.pool.connection() as conn:
+        webhooks.emit(
+            conn,
+            principal.tenant_id,
+            webhooks.REVIEW_CLOSED,
+            {
+                "case_id": out["id"],
+                "study_id": out["study_id"],
+                "verdict": out["verdict"],
+                "correct_label": out["correct_label"],
+                "report_revision": out["report_revision"],
+                "report_url": f"/v1/studies/{out['study_id']}/report",
+            },
+        )
+        review.publish_figures(conn)
     return out
 
 
@@ -231,4 +246,5 @@ def stats(
 ) -> dict[str, Any]:
     with translate_errors(), services.pool.connection() as conn:
         rows = review.stats_dicts(conn, model, tenant_id=principal.tenant_id)
+        review.publish_figures(conn)
     return {"model": model, "versions": rows}

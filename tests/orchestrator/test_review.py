@@ -262,6 +262,23 @@ def test_models_compare_shows_the_reviewed_figures(
     got = {v["version"]: v for v in r.json()["versions"]}
     for v, f in expected.items():
         assert {k: got[v][k] for k in review.FIGURES} == f
+    # ... and as a gauge (refreshed on each verdict and stats read).
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = world["client"].get("/metrics").text
+    (family,) = [
+        f
+        for f in text_string_to_metric_families(text)
+        if f.name == "medtriage_model_reviewed_performance"
+    ]
+    gauges = {
+        (s.labels["model"], int(s.labels["version"]), s.labels["figure"]): s.value
+        for s in family.samples
+    }
+    for v, f in expected.items():
+        for figure, value in f.items():
+            if value is not None:
+                assert gauges[("triage", v, figure)] == pytest.approx(value)
     cli = subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", "models", "compare", "triage", str(version)],
         env={**os.environ, **settings_env},

@@ -26,6 +26,7 @@ MODEL_READ = {"ml-engineer", "sre", "admin"}
 MODEL_ACTION = {"ml-engineer", "admin"}
 OPERATIONS = {"sre", "admin"}
 REVIEW = {"reviewer", "admin"}
+WEBHOOKS = {"uploader", "admin"}
 
 ALLOWED: dict[tuple[str, str], set[str]] = {
     ("POST", "/v1/studies"): {"uploader", "admin"},
@@ -58,6 +59,11 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("POST", "/v1/review/cases/{case_id}/release"): REVIEW,
     ("POST", "/v1/review/cases/{case_id}/verdict"): REVIEW,
     ("GET", "/v1/review/stats"): REVIEW,
+    ("POST", "/v1/webhooks"): WEBHOOKS,
+    ("GET", "/v1/webhooks"): WEBHOOKS,
+    ("DELETE", "/v1/webhooks/{webhook_id}"): WEBHOOKS,
+    ("GET", "/v1/webhooks/{webhook_id}/deliveries"): WEBHOOKS,
+    ("POST", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"): WEBHOOKS,
 }
 # Read-only for sre: whatever sre may call must not change anything...
 SRE_MAY_CHANGE = {("POST", "/v1/break-glass"), ("POST", "/v1/dead-letters/requeue")}

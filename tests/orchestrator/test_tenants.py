@@ -24,7 +24,14 @@ pytestmark = pytest.mark.integration
 TERMINAL = {"done", "failed", "needs_review"}
 WAIT_S = 120.0
 # Path parameters that name a tenant's data; replaying them across tenants must give 404.
-TENANT_OWNED = {"study_id", "instance_id", "case_id", "webhook_id", "report_id"}
+TENANT_OWNED = {
+    "study_id",
+    "instance_id",
+    "case_id",
+    "webhook_id",
+    "delivery_id",
+    "report_id",
+}
 # Path parameters naming platform-wide resources (models are shared by every tenant).
 GLOBAL = {"model", "version"}
 # Upload routes store into the caller's tenant (a StudyInstanceUID is scoped per tenant).
@@ -117,6 +124,23 @@ def _review_case(database_url: str, study_id: str) -> str:
     return str(row[0])
 
 
+def _webhook(database_url: str, study_id: str) -> dict[str, str]:
+    """A webhook of tenant A with one (dead, so never sent) delivery."""
+    with psycopg.connect(database_url) as conn:
+        webhook_id, tenant_id = conn.execute(
+            "INSERT INTO webhooks (tenant_id, url, secret)"
+            " SELECT tenant_id, 'http://127.0.0.1:9/', 'test-secret' FROM studies"
+            " WHERE id = %s RETURNING id, tenant_id",
+            (study_id,),
+        ).fetchone()
+        delivery_id = conn.execute(
+            "INSERT INTO webhook_deliveries (webhook_id, tenant_id, event, payload, status)"
+            " VALUES (%s, %s, 'report.created', '{}', 'dead') RETURNING id",
+            (webhook_id, tenant_id),
+        ).fetchone()[0]
+    return {"webhook_id": str(webhook_id), "delivery_id": str(delivery_id)}
+
+
 def test_replaying_tenant_a_ids_as_tenant_b_never_succeeds(
     stack: Any, make_key: Any, tenant_a: dict[str, str], database_url: str
 ) -> None:
@@ -126,6 +150,7 @@ def test_replaying_tenant_a_ids_as_tenant_b_never_succeeds(
         "study_id": tenant_a["study_id"],
         "instance_id": tenant_a["instance_id"],
         "case_id": _review_case(database_url, tenant_a["study_id"]),
+        **_webhook(database_url, tenant_a["study_id"]),
     }
     # Tenant B's most powerful key; break-glass roles do not cross tenants either.
     b_admin = make_key("admin", tenant="tenant-iso-b")

@@ -19,6 +19,7 @@ from orchestrator import queue as jobqueue
 from orchestrator.api import admin as admin_api
 from orchestrator.api import dicomweb as dicomweb_api
 from orchestrator.api import events, health, metrics_collectors, models, ops, studies
+from orchestrator.api import exports as exports_api
 from orchestrator.api import review as review_api
 from orchestrator.api import webhooks as webhooks_api
 from orchestrator.api.deps import Services
@@ -106,6 +107,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(review_api.router)
     app.include_router(review_api.page_router)
     app.include_router(webhooks_api.router)
+    app.include_router(exports_api.router)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics(request: Request) -> Response:

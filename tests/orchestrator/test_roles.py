@@ -64,6 +64,9 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("DELETE", "/v1/webhooks/{webhook_id}"): WEBHOOKS,
     ("GET", "/v1/webhooks/{webhook_id}/deliveries"): WEBHOOKS,
     ("POST", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"): WEBHOOKS,
+    ("POST", "/v1/pacs-targets"): {"admin"},
+    ("GET", "/v1/pacs-targets"): {"admin"},
+    ("POST", "/v1/studies/{study_id}/report/export"): REVIEW,
 }
 # Read-only for sre: whatever sre may call must not change anything...
 SRE_MAY_CHANGE = {("POST", "/v1/break-glass"), ("POST", "/v1/dead-letters/requeue")}

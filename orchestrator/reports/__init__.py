@@ -1,11 +1,17 @@
 """Report renderings beside the JSON report (``orchestrator.report``, ``medtriage.report/1``).
 
-Every format is rendered from one stored JSON revision, so all formats of a revision say
+The JSON form is documented by ``report.schema.json`` (JSON Schema 2020-12). Every format is
+rendered from one stored JSON revision, so all formats of a revision say
 the same thing: ``html`` (self-contained page), ``pdf`` (reportlab), ``sr`` (DICOM
 Comprehensive 3D SR with a TID1500 measurement report, highdicom).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+
+# JSON Schema of the JSON report (``medtriage.report/1``), shipped with the package.
+SCHEMA_FILE = Path(__file__).with_name("report.schema.json")
 
 # Format -> content type of GET /v1/studies/{id}/report?format=...
 CONTENT_TYPES = {

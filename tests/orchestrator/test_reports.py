@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -14,17 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import psycopg
 import pydicom
 import pytest
 from pydicom.uid import Comprehensive3DSRStorage
 
+from orchestrator.reports import SCHEMA_FILE
 from orchestrator.samples import load_samples
 
 pytestmark = pytest.mark.integration
 
 TENANT = "tenant-reports"
 DISCLAIMER = "AI-generated, not a diagnosis"
+SCHEMA = json.loads(SCHEMA_FILE.read_text())
 
 
 def _tool(name: str) -> str:
@@ -130,6 +134,7 @@ def test_every_format_of_the_first_revision(world: dict[str, Any], tmp_path: Pat
     j = _get(world, "json")
     assert j.headers["content-type"] == "application/json"
     assert j.json()["schema"] == "medtriage.report/1"
+    jsonschema.validate(j.json(), SCHEMA)  # the documented schema holds
     assert j.headers["x-report-revision"] == "1"
 
     h = _get(world, "html")
@@ -193,6 +198,7 @@ def test_override_makes_a_new_revision_and_keeps_the_old(
         "override",
         truth,
     )
+    jsonschema.validate(j.json(), SCHEMA)
     assert f"overridden, correct label {truth}" in _get(world, "html").text
     assert f"overridden, correct label {truth}" in _pdf_text(_get(world, "pdf").content)
     s = _get(world, "sr")

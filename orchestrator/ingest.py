@@ -16,11 +16,12 @@ from uuid import UUID
 
 from psycopg_pool import ConnectionPool
 from redis import Redis
+from rq.job import Job, JobStatus
 
 import preprocess
 from orchestrator import queue as jobqueue
+from orchestrator.db import arrivals, translate_errors
 from orchestrator.db import studies as db
-from orchestrator.db import translate_errors
 from orchestrator.db.keys import Principal
 from orchestrator.db.studies import StudyStatus
 from orchestrator.storage import ObjectStore, original_key
@@ -200,9 +201,12 @@ def ingest(
     job_timeout_s: int,
     priority: str | None = None,
     expect_study_uid: str | None = None,
+    arrival: tuple[str, bool] | None = None,
 ) -> IngestResult:
     """Ingest each file and queue the studies that gained instances. With
-    ``expect_study_uid`` (STOW-RS to /studies/{uid}) instances of other studies are refused."""
+    ``expect_study_uid`` (STOW-RS to /studies/{uid}) instances of other studies are refused.
+    With ``arrival`` = (source, complete) the studies are not queued here but left to the
+    arrivals sweeper (queued when stable, or at once when complete)."""
     result = IngestResult()
     for filename, data in files:
         outcome = ingest_file(
@@ -220,9 +224,23 @@ def ingest(
             new = outcome.outcome == ACCEPTED
             result.studies[outcome.study_id] = result.studies.get(outcome.study_id, False) or new
     for study_id, has_new in result.studies.items():
-        if has_new:
+        if not has_new:
+            continue
+        if arrival is None:
             queue_study(pool, redis, queue_name, study_id, job_timeout_s=job_timeout_s)
+            continue
+        count = sum(f.study_id == study_id and f.outcome == ACCEPTED for f in result.files)
+        record_arrival(pool, study_id, source=arrival[0], instances=count, complete=arrival[1])
     return result
+
+
+def record_arrival(
+    pool: ConnectionPool, study_id: UUID, *, source: str, instances: int, complete: bool
+) -> None:
+    with translate_errors(), pool.connection() as conn:
+        arrivals.record(
+            conn, study_id=study_id, source=source, instances=instances, complete=complete
+        )
 
 
 def queue_study(
@@ -244,4 +262,17 @@ def queue_study(
         )
         jid = jobqueue.job_id(study_id)
         db.upsert_job(conn, job_id=jid, study_id=study_id, stage=jobqueue.STAGE_PROCESS)
-    jobqueue.enqueue_study(redis, queue_name, study_id, job_timeout_s=job_timeout_s)
+    enqueued = jobqueue.enqueue_study(redis, queue_name, study_id, job_timeout_s=job_timeout_s)
+    if not enqueued and job_running(redis, study_id):
+        # The running job listed the study's instances when it started and would miss the
+        # new ones: the arrivals sweeper queues the study again after that run. (A job still
+        # waiting in the queue will see them.)
+        record_arrival(pool, study_id, source="rest", instances=0, complete=True)
+
+
+def job_running(redis: Redis, study_id: UUID) -> bool:
+    try:
+        job = Job.fetch(jobqueue.job_id(study_id), connection=redis)
+        return job.get_status(refresh=False) == JobStatus.STARTED
+    except Exception:  # noqa: BLE001 - no such job (or an undecodable one): not running
+        return False

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -65,7 +67,53 @@ def _cmd_import(args: argparse.Namespace, settings: CliSettings) -> int:
     return 1 if summary.rejected else 0
 
 
+def _cmd_dimse(args: argparse.Namespace, settings: CliSettings) -> int:
+    from orchestrator.arrivals import Sweeper
+    from orchestrator.dimse import StoreSCP
+
+    pool, store, redis = _services(settings)
+    scp = StoreSCP(
+        pool,
+        store,
+        redis,
+        settings.queue_name,
+        tenant=args.tenant or settings.dimse_tenant,
+        ae_title=args.ae_title or settings.dimse_ae_title,
+        max_pixels=settings.max_pixels,
+        job_timeout_s=settings.job_timeout_s,
+        max_queue_depth=settings.max_queue_depth,
+        max_queue_age_s=settings.max_queue_age_s,
+        calling_aets=tuple(a.strip() for a in settings.dimse_calling_aets.split(",") if a.strip()),
+        release_completes=settings.dimse_release_completes,
+    )
+    sweeper = Sweeper(
+        pool,
+        redis,
+        settings.queue_name,
+        stable_age_s=settings.ingest_stable_age_s,
+        job_timeout_s=settings.job_timeout_s,
+    ).start()
+    host = settings.dimse_host
+    port = settings.dimse_port if args.port is None else args.port
+    server = scp.start(host, port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"C-STORE SCP {scp.ae_title} listening on {host}:{port}", flush=True)
+    stop.wait()
+    server.shutdown()
+    sweeper.stop()
+    pool.close()
+    redis.close()
+    return 0
+
+
 def add_parser(sub: Any) -> None:
+    dimse = sub.add_parser("dimse", help="run the DIMSE C-STORE / C-ECHO receiver")
+    dimse.add_argument("--ae-title", default=None, help="default: MEDTRIAGE_DIMSE_AE_TITLE")
+    dimse.add_argument("--port", type=int, default=None, help="default: MEDTRIAGE_DIMSE_PORT")
+    dimse.add_argument("--tenant", default=None, help="default: MEDTRIAGE_DIMSE_TENANT")
+    dimse.set_defaults(func=_cmd_dimse)
     imp = sub.add_parser(
         "import",
         help="import a folder tree or zip of DICOM files (resumable: stored files are skipped)",

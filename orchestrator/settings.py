@@ -102,6 +102,18 @@ class ApiSettings(CommonSettings):
     drift_refresh_s: float = 30.0
     # Ingest: how long an Idempotency-Key's first answer is kept for retries.
     idempotency_ttl_s: int = 24 * 3600
+    # DIMSE C-STORE receiver (`medtriage dimse`): its AE title and address, the tenant it
+    # stores into, and the calling AE titles it accepts (comma-separated; empty = any).
+    dimse_ae_title: str = "MEDTRIAGE"
+    dimse_host: str = "127.0.0.1"
+    dimse_port: int = 11112
+    dimse_tenant: str = "default"
+    dimse_calling_aets: str = ""
+    # Whether a C-STORE association's release says its studies are complete (queued at once).
+    dimse_release_completes: bool = True
+    # Studies arriving instance by instance (STOW-RS, C-STORE) are queued once none has
+    # arrived for this long, unless the sender says the study is complete.
+    ingest_stable_age_s: float = 60.0
 
 
 class WorkerSettings(CommonSettings):

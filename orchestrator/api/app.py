@@ -23,6 +23,7 @@ from orchestrator.api import exports as exports_api
 from orchestrator.api import review as review_api
 from orchestrator.api import webhooks as webhooks_api
 from orchestrator.api.deps import Services
+from orchestrator.arrivals import Sweeper
 from orchestrator.db import connect_pool, upgrade
 from orchestrator.errors import DependencyUnavailable, MedtriageError
 from orchestrator.settings import ApiSettings
@@ -81,14 +82,28 @@ def _services(settings: ApiSettings) -> Services:
     )
 
 
+def _arrivals_sweeper(services: Services) -> Sweeper:
+    # Queues STOW-RS studies once stable or complete (orchestrator/arrivals.py).
+    s = services.settings
+    return Sweeper(
+        services.pool,
+        services.redis,
+        s.queue_name,
+        stable_age_s=s.ingest_stable_age_s,
+        job_timeout_s=s.job_timeout_s,
+    )
+
+
 def create_app(settings: ApiSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = _services(settings)
         app.state.scrape_registry = metrics_collectors.build_registry(app.state.services)
+        sweeper = _arrivals_sweeper(app.state.services).start()
         try:
             yield
         finally:
+            sweeper.stop()
             app.state.services.pool.close()
             app.state.services.redis.close()
 

@@ -5,6 +5,9 @@ part. The answer is the Store Instances Response (PS3.18 §10.5.3) as ``applicat
 (or ``application/dicom+xml`` when the Accept header asks for it): 200 when every instance
 was stored (or already was), 202 when some failed, 409 when none could be stored. Each
 failure's reason in words is also sent as a ``Warning: 299`` header.
+
+Instances of one study may come in several requests: the study is processed once none has
+arrived for ``ingest_stable_age_s``, or at once when a request says ``?complete=true``.
 """
 
 from __future__ import annotations
@@ -102,6 +105,8 @@ async def _store(
         max_pixels=settings.max_pixels,
         job_timeout_s=settings.job_timeout_s,
         expect_study_uid=study_uid,
+        # Queued when the study has been stable for ingest_stable_age_s, or now with ?complete.
+        arrival=("stow", request.query_params.get("complete", "").lower() in ("1", "true")),
     )
     for (_, data), outcome in zip(files, result.files, strict=True):
         metrics.observe_upload("stow", outcome.outcome, len(data))

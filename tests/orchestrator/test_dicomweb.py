@@ -17,11 +17,14 @@ import pytest
 import requests
 from dicomweb_client import DICOMwebClient
 from dicomweb_client.web import _load_xml_dataset
+from fastapi.testclient import TestClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from orchestrator.api import create_app
 from orchestrator.samples import load_samples, radiograph
+from orchestrator.settings import ApiSettings
 
 pytestmark = pytest.mark.integration
 
@@ -95,7 +98,10 @@ def test_dicomweb_client_stores_a_study_and_it_is_processed(
     study_uid = generate_uid()
     datasets = _datasets(study_uid, 3)
     # A small chunk size makes the client send a chunked body (no Content-Length).
-    answer = _client(stack, key, chunk_size=4096).store_instances(datasets)
+    # ?complete=true: the sender says the study is whole, so it is queued without waiting.
+    answer = _client(stack, key, chunk_size=4096).store_instances(
+        datasets, additional_params={"complete": "true"}
+    )
     referenced = {item.ReferencedSOPInstanceUID for item in answer.ReferencedSOPSequence}
     assert referenced == {ds.SOPInstanceUID for ds in datasets}
     assert all(
@@ -266,3 +272,67 @@ def test_stow_needs_an_uploader(stack: Any, make_key: Any) -> None:
     with pytest.raises(requests.HTTPError) as info:
         _client(stack, "mt_nope_nope").store_instances([ds])
     assert info.value.response.status_code == 401
+
+
+def _in_process(settings_env: dict[str, str], **overrides: Any) -> TestClient:
+    fields = {k.removeprefix("MEDTRIAGE_").lower(): v for k, v in settings_env.items()}
+    return TestClient(create_app(ApiSettings(**{**fields, **overrides})))
+
+
+def _state(database_url: str, study_uid: str) -> tuple[str | None, int | None]:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT s.status, a.instances FROM studies s"
+            " LEFT JOIN study_arrivals a ON a.study_id = s.id WHERE s.study_uid = %s",
+            (study_uid,),
+        ).fetchone()
+    return (row[0], row[1]) if row else (None, None)
+
+
+def _stow(client: TestClient, key: str, ds: Dataset, query: str = "") -> int:
+    boundary = uuid.uuid4().hex
+    r = client.post(
+        f"/dicomweb/studies{query}",
+        content=_multipart([("application/dicom", _raw(ds))], boundary),
+        headers={
+            "Authorization": f"Bearer {key}",
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        },
+    )
+    return r.status_code
+
+
+def test_a_study_arriving_in_pieces_is_queued_once_stable(
+    stack: Any, settings_env: dict[str, str], key: str, database_url: str
+) -> None:
+    stable_s = 2.0
+    study_uid = generate_uid()
+    first, second = _datasets(study_uid, 2)
+    with _in_process(settings_env, ingest_stable_age_s=stable_s) as client:
+        assert _stow(client, key, first) == 200
+        time.sleep(stable_s / 2)
+        assert _state(database_url, study_uid) == ("received", 1)
+        assert _stow(client, key, second) == 200
+        last = time.monotonic()
+        # The clock restarted with the second instance: still waiting after the first's age.
+        time.sleep(stable_s * 0.6)
+        assert _state(database_url, study_uid) == ("received", 2)
+        deadline = last + stable_s + 10
+        while _state(database_url, study_uid)[0] == "received" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        waited = time.monotonic() - last
+    status, waiting = _state(database_url, study_uid)
+    assert status != "received" and waiting is None
+    assert waited >= stable_s - 0.2
+    assert _study_status(stack, key, database_url, study_uid) in {"done", "needs_review"}
+
+
+def test_complete_queues_at_once(settings_env: dict[str, str], key: str, database_url: str) -> None:
+    study_uid = generate_uid()
+    (ds,) = _datasets(study_uid, 1)
+    with _in_process(settings_env, ingest_stable_age_s=3600) as client:
+        assert _stow(client, key, ds, "?complete=true") == 200
+        deadline = time.monotonic() + 10
+        while _state(database_url, study_uid)[0] == "received" and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert _state(database_url, study_uid)[0] != "received"

@@ -1,0 +1,216 @@
+"""The C-STORE receiver as a real process (``medtriage dimse``) over the real stack, fed by
+senders no one here wrote: DCMTK's echoscu/storescu and pynetdicom's SCU. Uncompressed and
+RLE instances are stored and processed; a re-sent instance is stored once; bad instances get
+a DICOM failure status with a comment and leave nothing stored."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import RLELossless, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
+
+from orchestrator.samples import load_samples, radiograph
+
+pytestmark = pytest.mark.integration
+
+AE_TITLE = "MEDTRIAGE"
+TENANT = "tenant-dimse"
+SIZE = 64
+START_TIMEOUT_S = 30.0
+TOOL_TIMEOUT_S = 60
+TERMINAL = {"done", "failed", "needs_review"}
+WAIT_S = 120.0
+
+
+def _dcmtk(tool: str) -> str:
+    path = shutil.which(tool)
+    assert path, f"{tool} not found: install the Debian package dcmtk (scripts/apt-packages.txt)"
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def scp(stack: Any, settings_env: dict[str, str]) -> Iterator[int]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "dimse", "--port", str(port)],
+        env={
+            **os.environ,
+            **settings_env,
+            "MEDTRIAGE_DIMSE_AE_TITLE": AE_TITLE,
+            "MEDTRIAGE_DIMSE_TENANT": TENANT,
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "listening" in line, line + (proc.stdout.read() if proc.poll() is not None else "")
+    yield port
+    proc.terminate()
+    proc.wait(timeout=START_TIMEOUT_S)
+
+
+def _instance(i: int, study_uid: str, series_uid: str) -> bytes:
+    images, _ = load_samples()
+    return radiograph(images[i], study_uid=study_uid, series_uid=series_uid, size=SIZE)
+
+
+def _count(database_url: str, study_uid: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM instances i JOIN studies s ON s.id = i.study_id"
+            " JOIN tenants t ON t.id = s.tenant_id WHERE s.study_uid = %s AND t.name = %s",
+            (study_uid, TENANT),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_echoscu(scp: int) -> None:
+    result = subprocess.run(
+        [_dcmtk("echoscu"), "-aec", AE_TITLE, "127.0.0.1", str(scp)],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_storescu_sends_a_study_incl_rle_and_it_is_processed(
+    scp: int, tmp_path: Path, database_url: str, make_key: Any, stack: Any
+) -> None:
+    study_uid, series_uid = generate_uid(), generate_uid()
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"IM{i}").write_bytes(_instance(i, study_uid, series_uid))
+    rle = dcmread(io.BytesIO(_instance(3, study_uid, series_uid)))
+    rle.compress(RLELossless)
+    rle_file = tmp_path / "rle.dcm"
+    rle.save_as(rle_file, enforce_file_format=True)
+    responses = ""
+    # The folder as stored (uncompressed); the RLE file proposed as RLE (-xr), sent as is.
+    for args in (
+        ["+sd", "127.0.0.1", str(scp), str(folder)],
+        ["-xr", "127.0.0.1", str(scp), str(rle_file)],
+    ):
+        result = subprocess.run(
+            [_dcmtk("storescu"), "-v", "-aec", AE_TITLE, *args],
+            capture_output=True,
+            text=True,
+            timeout=TOOL_TIMEOUT_S,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        responses += result.stderr
+    assert responses.count("Received Store Response (Success)") == 4, responses
+    assert _count(database_url, study_uid) == 4
+    with psycopg.connect(database_url) as conn:
+        syntaxes = {
+            r[0]
+            for r in conn.execute(
+                "SELECT transfer_syntax_uid FROM instances i JOIN studies s ON s.id = i.study_id"
+                " WHERE s.study_uid = %s",
+                (study_uid,),
+            )
+        }
+        row = conn.execute("SELECT id FROM studies WHERE study_uid = %s", (study_uid,)).fetchone()
+    assert RLELossless in syntaxes
+    assert row is not None
+    key = make_key("reviewer", tenant=TENANT)
+    deadline = time.monotonic() + WAIT_S
+    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}) as c:
+        while True:
+            body = c.get(f"/v1/studies/{row[0]}").json()
+            # Each association queues on release: wait until no instance is left unprocessed.
+            settled = all(i["status"] != "stored" for i in body["instances"])
+            if (body["status"] in TERMINAL and settled) or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+    assert body["status"] in {"done", "needs_review"}, body
+    assert all(i["status"] == "done" for i in body["instances"]), [
+        (i["status"], i["error"]) for i in body["instances"]
+    ]
+
+
+def test_pynetdicom_scu_statuses(scp: int, database_url: str) -> None:
+    study_uid, series_uid = generate_uid(), generate_uid()
+    good = dcmread(io.BytesIO(_instance(4, study_uid, series_uid)))
+    no_pixels = dcmread(io.BytesIO(_instance(5, study_uid, series_uid)))
+    del no_pixels.PixelData
+    no_pixels.SOPInstanceUID = generate_uid()
+    no_study = dcmread(io.BytesIO(_instance(6, study_uid, series_uid)))
+    del no_study.StudyInstanceUID
+    no_study.SOPInstanceUID = generate_uid()
+
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(ComputedRadiographyImageStorage, good.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", scp, ae_title=AE_TITLE)
+    assert assoc.is_established
+    try:
+        statuses: list[Dataset] = [
+            assoc.send_c_store(ds) for ds in (good, good, no_pixels, no_study)
+        ]
+    finally:
+        assoc.release()
+    codes = [int(s.Status) for s in statuses]
+    assert codes == [0x0000, 0x0000, 0xA900, 0xC000]
+    assert "pixel" in str(statuses[2].ErrorComment).lower()
+    assert "StudyInstanceUID" in str(statuses[3].ErrorComment)
+    assert _count(database_url, study_uid) == 1
+
+
+def test_unknown_calling_ae_is_rejected_when_a_list_is_set(
+    stack: Any, settings_env: dict[str, str]
+) -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "dimse", "--port", str(port)],
+        env={**os.environ, **settings_env, "MEDTRIAGE_DIMSE_CALLING_AETS": "MODALITY1, PACS"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "listening" in proc.stdout.readline()
+        refused = subprocess.run(
+            [_dcmtk("echoscu"), "-aet", "STRANGER", "127.0.0.1", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=TOOL_TIMEOUT_S,
+        )
+        allowed = subprocess.run(
+            [_dcmtk("echoscu"), "-aet", "PACS", "127.0.0.1", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=TOOL_TIMEOUT_S,
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=START_TIMEOUT_S)
+    assert refused.returncode != 0
+    assert "Rejected" in refused.stderr or "rejected" in refused.stderr.lower(), refused.stderr
+    assert allowed.returncode == 0, allowed.stderr

@@ -26,6 +26,7 @@ from psycopg import Connection
 from psycopg.rows import dict_row
 
 from orchestrator import findings
+from orchestrator.errors import BadRequest
 
 LOW_CONFIDENCE = "low_confidence"
 HIGH_ENTROPY = "high_entropy"
@@ -69,6 +70,16 @@ class Thresholds:
     max_entropy: float = DEFAULT_MAX_ENTROPY
     critical_probability: float = DEFAULT_CRITICAL_PROBABILITY
 
+    def check(self) -> None:
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise BadRequest(f"min_confidence must be in [0, 1], not {self.min_confidence}")
+        if self.max_entropy < 0.0:
+            raise BadRequest(f"max_entropy must be >= 0 nats, not {self.max_entropy}")
+        if not 0.0 <= self.critical_probability <= 1.0:
+            raise BadRequest(
+                f"critical_probability must be in [0, 1], not {self.critical_probability}"
+            )
+
 
 @dataclass
 class Decision:
@@ -95,9 +106,22 @@ def thresholds(conn: Connection, model: str, version: int, default_confidence: f
     return Thresholds(float(row[0]), float(row[1]), float(row[2]))
 
 
+def list_thresholds(conn: Connection, model: str) -> list[dict[str, Any]]:
+    """The model's stored rows (version 0 = every version without its own row)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT model, version, min_confidence, max_entropy, critical_probability,"
+            " updated_by, updated_at FROM gate_thresholds WHERE model = %s ORDER BY version",
+            (model,),
+        ).fetchall()
+
+
 def set_thresholds(
     conn: Connection, model: str, version: int, t: Thresholds, *, actor: str | None = None
 ) -> None:
+    t.check()
+    if version < 0:
+        raise BadRequest(f"version must be >= 0 (0 = the model's default), not {version}")
     conn.execute(
         "INSERT INTO gate_thresholds (model, version, min_confidence, max_entropy,"
         " critical_probability, updated_by) VALUES (%s, %s, %s, %s, %s, %s)"

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from orchestrator import review, rollout, routing
+from orchestrator import gate, review, rollout, routing
 from orchestrator.db import upgrade
 from orchestrator.errors import MedtriageError
 from orchestrator.model_control import TritonControl
@@ -125,7 +125,33 @@ def _dispatch(
         print(table([asdict(r) for r in routes]))
     elif action == "rollback":
         print(table([asdict(r) for r in rollout.rollback(conn, args.model, actor=_actor())]))
+    elif action == "thresholds":
+        _thresholds(args, settings, conn)
     return 0
+
+
+def _thresholds(args: argparse.Namespace, settings: CliSettings, conn: psycopg.Connection) -> None:
+    """Show the model's gate thresholds; with any value given, set them for --version first
+    (values not given keep what applies to that version now)."""
+    if args.model not in load_repository(settings.model_repository):
+        raise MedtriageError(f"no model {args.model!r} in the repository")
+    given = (args.min_confidence, args.max_entropy, args.critical_probability)
+    if any(v is not None for v in given):
+        now = gate.thresholds(conn, args.model, args.version, settings.review_confidence_threshold)
+        gate.set_thresholds(
+            conn,
+            args.model,
+            args.version,
+            gate.Thresholds(
+                now.min_confidence if args.min_confidence is None else args.min_confidence,
+                now.max_entropy if args.max_entropy is None else args.max_entropy,
+                now.critical_probability
+                if args.critical_probability is None
+                else args.critical_probability,
+            ),
+            actor=_actor(),
+        )
+    print(table(gate.list_thresholds(conn, args.model)))
 
 
 def add_parser(sub: Any) -> None:
@@ -157,4 +183,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--force", action="store_true")
     p = msub.add_parser("rollback", help="restore the split before the last change")
     p.add_argument("model")
+    p = msub.add_parser(
+        "thresholds", help="show or set the confidence gate's thresholds (review reasons)"
+    )
+    p.add_argument("model")
+    p.add_argument("--version", type=int, default=0, help="0 = the model's default")
+    p.add_argument("--min-confidence", type=float)
+    p.add_argument("--max-entropy", type=float)
+    p.add_argument("--critical-probability", type=float)
     models.set_defaults(func=run)

@@ -35,6 +35,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from orchestrator import metrics
+from orchestrator.db import connect_pool
 from orchestrator.errors import BadRequest, NotFound
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ SIGNATURE_TOLERANCE_S = 300
 # Dispatcher: how often it looks for due deliveries when idle, how many it posts at once.
 POLL_INTERVAL_S = 0.5
 CONCURRENT_DELIVERIES = 4
+# The dispatcher's own database connections (claims and outcomes are short statements).
+DISPATCHER_POOL_MAX = 2
 # A claim outlives the attempt's own deadline by this much before another dispatcher retries.
 LEASE_MARGIN_S = 10.0
 # Longest wait between two attempts, whatever the endpoint's backoff.
@@ -314,11 +317,14 @@ def record(
 
 
 class Dispatcher(threading.Thread):
-    """Posts due deliveries from a worker process, off the pipeline's thread."""
+    """Posts due deliveries from a worker process, off the pipeline's thread, with its own
+    small connection pool so a burst of deliveries never waits on (or starves) the pipeline."""
 
-    def __init__(self, pool: ConnectionPool, *, concurrency: int = CONCURRENT_DELIVERIES):
+    def __init__(self, database_url: str, *, concurrency: int = CONCURRENT_DELIVERIES):
         super().__init__(name="medtriage-webhooks", daemon=True)
-        self.pool = pool
+        self.pool: ConnectionPool = connect_pool(
+            database_url, min_size=1, max_size=DISPATCHER_POOL_MAX
+        )
         self.concurrency = concurrency
         self.stopping = threading.Event()
         self.client = httpx.Client(follow_redirects=False)
@@ -361,3 +367,4 @@ class Dispatcher(threading.Thread):
         self.stopping.set()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.client.close()
+        self.pool.close()

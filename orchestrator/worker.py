@@ -120,7 +120,7 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
         metrics.register_endpoint(redis, settings.queue_prefix, name, host, port)
     background = reconcile.Background(_CONTEXT.pool, settings, name)
     background.start()
-    dispatcher = webhooks.Dispatcher(_CONTEXT.pool)
+    dispatcher = webhooks.Dispatcher(settings.database_url)
     dispatcher.start()
     rq_redis = jobqueue.connect_worker(settings.redis_url)
     worker = _Worker(

@@ -8,10 +8,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from orchestrator import review, rollout, routing
+from orchestrator import gate, review, rollout, routing
 from orchestrator.api.deps import ServicesDep, audit, require
 from orchestrator.db import translate_errors
 from orchestrator.db.keys import Principal
+from orchestrator.errors import NotFound
 from orchestrator.model_control import TritonControl
 from orchestrator.triton.config import load_repository
 
@@ -23,6 +24,14 @@ ModelReader = Annotated[Principal, Depends(require("ml-engineer", "sre"))]
 
 class RoutesUpdate(BaseModel):
     weights: dict[int, Annotated[int, Field(ge=0, le=100)]]
+
+
+class ThresholdsUpdate(BaseModel):
+    # 0: the model's default for every version without its own row.
+    version: Annotated[int, Field(ge=0)] = 0
+    min_confidence: Annotated[float, Field(ge=0, le=1)]
+    max_entropy: Annotated[float, Field(ge=0)] = gate.DEFAULT_MAX_ENTROPY
+    critical_probability: Annotated[float, Field(ge=0, le=1)] = gate.DEFAULT_CRITICAL_PROBABILITY
 
 
 class PromoteRequest(BaseModel):
@@ -204,3 +213,37 @@ def unload(
         control.close()
     _act(request, services, principal, "unload", model, {"version": version})
     return {"model": model, "loaded": sorted(loaded)}
+
+
+def _known(services: ServicesDep, model: str, version: int | None = None) -> None:
+    repo = load_repository(services.settings.model_repository)
+    if model not in repo or (version and version not in repo[model].versions):
+        raise NotFound(f"no model {model!r}" + (f" version {version}" if version else ""))
+
+
+@router.get("/{model}/thresholds")
+def get_thresholds(services: ServicesDep, principal: ModelReader, model: str) -> dict[str, Any]:
+    """The confidence gate's stored thresholds for the model (orchestrator/gate.py)."""
+    _known(services, model)
+    with translate_errors(), services.pool.connection() as conn:
+        rows = gate.list_thresholds(conn, model)
+    return {
+        "model": model,
+        "thresholds": [{**r, "updated_at": r["updated_at"].isoformat()} for r in rows],
+    }
+
+
+@router.put("/{model}/thresholds")
+def put_thresholds(
+    request: Request,
+    services: ServicesDep,
+    principal: MlEngineer,
+    model: str,
+    body: ThresholdsUpdate,
+) -> dict[str, Any]:
+    _known(services, model, body.version)
+    t = gate.Thresholds(body.min_confidence, body.max_entropy, body.critical_probability)
+    with translate_errors(), services.pool.connection() as conn:
+        gate.set_thresholds(conn, model, body.version, t, actor=principal.name)
+    _act(request, services, principal, "thresholds_set", model, body.model_dump())
+    return get_thresholds(services, principal, model)

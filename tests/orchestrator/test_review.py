@@ -290,3 +290,43 @@ def test_models_compare_shows_the_reviewed_figures(
     header, _, row = cli.stdout.splitlines()[:3]
     cells = dict(zip(header.split(), row.split(), strict=True))
     assert float(cells["accuracy"]) == pytest.approx(figures["accuracy"])
+
+
+def test_gate_thresholds_over_the_api_and_the_cli(
+    world: dict[str, Any], make_key: Any, settings_env: dict[str, str]
+) -> None:
+    """Set per-version thresholds (to the defaults' values, so other tests' studies gate as
+    before), refuse bad ones, and read them back over HTTP and from the CLI."""
+    c = world["client"]
+    ml = _headers(make_key("ml-engineer", tenant=TENANT))
+    values = {"min_confidence": 0.75, "max_entropy": 0.6, "critical_probability": 0.9}
+    r = c.put("/v1/models/triage/thresholds", json={"version": 2, **values}, headers=ml)
+    assert r.status_code == 200, r.text
+    (row,) = [t for t in r.json()["thresholds"] if t["version"] == 2]
+    assert {k: row[k] for k in values} == values and row["updated_by"] == "test-ml-engineer"
+    bad = {**values, "min_confidence": 1.5}
+    assert c.put("/v1/models/triage/thresholds", json=bad, headers=ml).status_code == 422
+    unknown = c.put("/v1/models/nope/thresholds", json=values, headers=ml)
+    assert unknown.status_code == 404
+    no_version = c.put("/v1/models/triage/thresholds", json={"version": 7, **values}, headers=ml)
+    assert no_version.status_code == 404
+    reviewer = _headers(world["r1"])
+    assert c.put("/v1/models/triage/thresholds", json=values, headers=reviewer).status_code == 403
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "models", "thresholds", "triage", *args],
+            env={**os.environ, **settings_env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    done = cli("--version", "1", "--min-confidence", "0.75")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[2:]]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("triage", "1", "0.75"), ("triage", "2", "0.75")]
+    refused = cli("--version", "1", "--min-confidence", "2")
+    assert refused.returncode == 2 and "min_confidence must be in [0, 1]" in refused.stdout
+    with psycopg.connect(world["db"]) as conn:
+        conn.execute("DELETE FROM gate_thresholds WHERE model = 'triage'")

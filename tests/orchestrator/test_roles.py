@@ -45,6 +45,8 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("DELETE", "/v1/models/{model}/shadows/{version}"): MODEL_ACTION,
     ("POST", "/v1/models/{model}/versions/{version}/promote"): MODEL_ACTION,
     ("POST", "/v1/models/{model}/rollback"): MODEL_ACTION,
+    ("GET", "/v1/models/{model}/thresholds"): MODEL_READ,
+    ("PUT", "/v1/models/{model}/thresholds"): MODEL_ACTION,
     ("POST", "/v1/models/{model}/versions/{version}/load"): MODEL_ACTION,
     ("POST", "/v1/models/{model}/versions/{version}/unload"): MODEL_ACTION,
     ("GET", "/v1/audit"): {"admin"},

@@ -86,6 +86,7 @@ class Sweeper:
         self._thread.join(timeout=self._interval_s * 5)
 
     def _loop(self) -> None:
+        failing = False
         while not self._stop.wait(self._interval_s):
             try:
                 sweep(
@@ -94,4 +95,12 @@ class Sweeper:
                     job_timeout_s=self._job_timeout_s,
                 )
             except Exception as exc:  # noqa: BLE001 - a dependency down: try again next time
-                log.warning("arrivals sweep failed: %s", exc)
+                if not failing:  # once per outage, not once per second
+                    log.warning(
+                        "arrivals sweep failed (retrying every %.0fs): %s", self._interval_s, exc
+                    )
+                failing = True
+            else:
+                if failing:
+                    log.info("arrivals sweep recovered")
+                failing = False

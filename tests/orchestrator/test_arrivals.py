@@ -1,0 +1,122 @@
+"""Study completeness over real PostgreSQL and Redis: arrivals wait for the stable age or a
+'complete' signal, and instances that arrive while their study's job runs are queued again
+after that run (no worker here: the job's state is set by hand on a private queue)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from pydicom.uid import generate_uid
+from redis import Redis
+from rq import Queue
+from rq.job import Job, JobStatus
+
+from orchestrator import arrivals, ingest
+from orchestrator import queue as jobqueue
+from orchestrator.db import connect_pool
+from orchestrator.db.keys import Principal, ensure_tenant
+from orchestrator.samples import load_samples, radiograph
+from orchestrator.storage import LocalStore
+
+pytestmark = pytest.mark.integration
+
+JOB_TIMEOUT_S = 60
+LONG_S = 3600.0
+
+
+@pytest.fixture
+def env(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    pool = connect_pool(database_url)
+    pool.wait()
+    redis = Redis.from_url(redis_url)
+    queue_name = f"arrivals-test-{uuid.uuid4().hex[:8]}:studies"
+    with psycopg.connect(database_url) as conn:
+        tenant_id = ensure_tenant(conn, "tenant-arrivals")
+    principal = Principal(uuid.uuid4(), tenant_id, "test", "uploader", kind="service")
+    yield {
+        "pool": pool,
+        "redis": redis,
+        "queue": queue_name,
+        "store": LocalStore(tmp_path / "objects"),
+        "principal": principal,
+        "database_url": database_url,
+    }
+    Queue(queue_name, connection=redis).delete(delete_jobs=True)
+    pool.close()
+
+
+def _send(env: dict[str, Any], data: bytes, arrival: tuple[str, bool] | None) -> uuid.UUID:
+    result = ingest.ingest(
+        env["pool"],
+        env["store"],
+        env["redis"],
+        env["queue"],
+        env["principal"],
+        [("x.dcm", data)],
+        max_pixels=10**8,
+        job_timeout_s=JOB_TIMEOUT_S,
+        arrival=arrival,
+    )
+    assert result.files[0].outcome == "accepted"
+    (study_id,) = result.studies
+    return study_id
+
+
+def _sweep(env: dict[str, Any], stable_age_s: float = LONG_S) -> list[uuid.UUID]:
+    return arrivals.sweep(
+        env["pool"],
+        env["redis"],
+        env["queue"],
+        stable_age_s=stable_age_s,
+        job_timeout_s=JOB_TIMEOUT_S,
+    )
+
+
+def _row(env: dict[str, Any], study_id: uuid.UUID) -> tuple[str, Any]:
+    with psycopg.connect(env["database_url"]) as conn:
+        row = conn.execute(
+            "SELECT s.status, a.instances FROM studies s"
+            " LEFT JOIN study_arrivals a ON a.study_id = s.id WHERE s.id = %s",
+            (study_id,),
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def test_arrivals_wait_then_queue_and_a_running_job_is_followed_by_another(
+    env: dict[str, Any],
+) -> None:
+    images, _ = load_samples()
+    study_uid, series = generate_uid(), generate_uid()
+    a, b, c = (
+        radiograph(images[i], study_uid=study_uid, series_uid=series, size=64) for i in range(3)
+    )
+
+    study_id = _send(env, a, ("stow", False))
+    assert _row(env, study_id) == ("received", 1)
+    assert _sweep(env) == []  # neither stable nor complete
+    assert _send(env, b, ("stow", False)) == study_id
+    assert _row(env, study_id) == ("received", 2)
+    # Stable: quiet for longer than a zero stable age.
+    assert _sweep(env, stable_age_s=0.0) == [study_id]
+    assert _row(env, study_id) == ("queued", None)
+    job = Job.fetch(jobqueue.job_id(study_id), connection=env["redis"])
+    assert job.get_status() == JobStatus.QUEUED
+
+    # The worker starts the job; a third instance arrives over REST meanwhile.
+    job.set_status(JobStatus.STARTED)
+    assert _send(env, c, None) == study_id
+    assert _row(env, study_id)[1] == 0  # waiting for the running job, marked complete
+    assert _sweep(env) == []  # not while it runs
+    assert _row(env, study_id)[1] == 0
+    job.set_status(JobStatus.FINISHED)
+    assert _sweep(env) == [study_id]
+    assert _row(env, study_id)[1] is None
+    assert Job.fetch(jobqueue.job_id(study_id), connection=env["redis"]).get_status() == (
+        JobStatus.QUEUED
+    )

@@ -21,6 +21,8 @@ from fastapi.testclient import TestClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from redis import Redis
+from rq import Queue
 
 from orchestrator.api import create_app
 from orchestrator.samples import load_samples, radiograph
@@ -336,3 +338,33 @@ def test_complete_queues_at_once(settings_env: dict[str, str], key: str, databas
         while _state(database_url, study_uid)[0] == "received" and time.monotonic() < deadline:
             time.sleep(0.1)
     assert _state(database_url, study_uid)[0] != "received"
+
+
+def test_stow_past_the_queue_limit_is_503_and_stores_nothing(
+    settings_env: dict[str, str], key: str, database_url: str
+) -> None:
+    prefix = f"stow-bp-{uuid.uuid4().hex[:8]}"
+    study_uid = generate_uid()
+    (ds,) = _datasets(study_uid, 1)
+    with _in_process(
+        settings_env, queue_prefix=prefix, max_queue_depth=1, max_queue_age_s=0
+    ) as client:
+        queue = Queue(
+            f"{prefix}:studies", connection=Redis.from_url(settings_env["MEDTRIAGE_REDIS_URL"])
+        )
+        queue.enqueue("builtins.print", "waiting")  # no worker reads this queue
+        try:
+            boundary = uuid.uuid4().hex
+            r = client.post(
+                "/dicomweb/studies",
+                content=_multipart([("application/dicom", _raw(ds))], boundary),
+                headers={
+                    "Authorization": f"Bearer {key}",
+                    "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                },
+            )
+        finally:
+            queue.delete(delete_jobs=True)
+    assert r.status_code == 503, r.text
+    assert int(r.headers["Retry-After"]) > 0
+    assert _count(database_url, study_uid) == 0

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
+from redis import Redis
+from rq import Queue
 
 from orchestrator.samples import load_samples, radiograph
 
@@ -214,3 +217,47 @@ def test_unknown_calling_ae_is_rejected_when_a_list_is_set(
     assert refused.returncode != 0
     assert "Rejected" in refused.stderr or "rejected" in refused.stderr.lower(), refused.stderr
     assert allowed.returncode == 0, allowed.stderr
+
+
+def test_c_store_past_the_queue_limit_is_a700_and_stores_nothing(
+    stack: Any, settings_env: dict[str, str], database_url: str
+) -> None:
+    prefix = f"dimse-bp-{uuid.uuid4().hex[:8]}"
+    queue = Queue(
+        f"{prefix}:studies", connection=Redis.from_url(settings_env["MEDTRIAGE_REDIS_URL"])
+    )
+    queue.enqueue("builtins.print", "waiting")  # no worker reads this queue
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "dimse", "--port", str(port)],
+        env={
+            **os.environ,
+            **settings_env,
+            "MEDTRIAGE_QUEUE_PREFIX": prefix,
+            "MEDTRIAGE_MAX_QUEUE_DEPTH": "1",
+            "MEDTRIAGE_DIMSE_TENANT": TENANT,
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    study_uid = generate_uid()
+    ds = dcmread(io.BytesIO(_instance(7, study_uid, generate_uid())))
+    try:
+        assert proc.stdout is not None
+        assert "listening" in proc.stdout.readline()
+        ae = AE(ae_title="PYNETDICOM")
+        ae.add_requested_context(ComputedRadiographyImageStorage, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title=AE_TITLE)
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(ds)
+        finally:
+            assoc.release()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=START_TIMEOUT_S)
+        queue.delete(delete_jobs=True)
+    assert int(status.Status) == 0xA700
+    assert "retry" in str(status.ErrorComment)
+    assert _count(database_url, study_uid) == 0

@@ -223,7 +223,8 @@ WITH truth AS (
       AND (%(tenant)s::uuid IS NULL OR tenant_id = %(tenant)s::uuid)
 ),
 ref AS (
-    SELECT instance_id, label FROM results WHERE model = %(truth_model)s AND arm = 'live'
+    SELECT instance_id, label FROM results
+    WHERE model = %(truth_model)s AND arm = 'live' AND study_id IN (SELECT study_id FROM truth)
 ),
 scored AS (
     SELECT r.version, r.arm, r.label AS predicted,

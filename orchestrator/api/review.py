@@ -11,6 +11,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
+from psycopg import Connection
 from pydantic import BaseModel, Field
 
 from orchestrator import review, webhooks
@@ -198,14 +199,12 @@ def release(
 def verdict(
     request: Request, services: ServicesDep, principal: Reviewer, case_id: UUID, body: VerdictIn
 ) -> dict[str, Any]:
+    """Close the case. The verdict, the report revision it causes and the webhook notices
+    commit in one transaction: if any part fails, nothing changes."""
     labels = _labels(services)
-    out = _act(
-        request,
-        services,
-        principal,
-        "review.verdict",
-        case_id,
-        lambda conn: review.record_verdict(
+
+    def close(conn: Connection) -> dict[str, Any]:
+        case = review.record_verdict(
             conn,
             principal.tenant_id,
             case_id,
@@ -214,26 +213,25 @@ def verdict(
             correct_label=body.correct_label,
             note=body.note,
             labels=labels,
-        ),
-    )
-    # Verdicts change the report: a new revision (old ones kept).
-    out["report_revision"] = regenerate.after_review(
-        services.pool, services.store, UUID(out["study_id"])
-    )
-    with translate_errors(), services.pool.connection() as conn:
+        )
+        revision = regenerate.write_revision(conn, services.store, case["study_id"])
         webhooks.emit(
             conn,
             principal.tenant_id,
             webhooks.REVIEW_CLOSED,
             {
-                "case_id": out["id"],
-                "study_id": out["study_id"],
-                "verdict": out["verdict"],
-                "correct_label": out["correct_label"],
-                "report_revision": out["report_revision"],
-                "report_url": f"/v1/studies/{out['study_id']}/report",
+                "case_id": str(case["id"]),
+                "study_id": str(case["study_id"]),
+                "verdict": case["verdict"],
+                "correct_label": case["correct_label"],
+                "report_revision": revision,
+                "report_url": f"/v1/studies/{case['study_id']}/report",
             },
         )
+        return {**case, "report_revision": revision}
+
+    out = _act(request, services, principal, "review.verdict", case_id, close)
+    with translate_errors(), services.pool.connection() as conn:
         review.publish_figures(conn)
     return out
 

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from uuid import UUID
 
+from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
 from orchestrator import report
@@ -27,22 +28,22 @@ from orchestrator.storage import ObjectStore, report_key
 log = logging.getLogger(__name__)
 
 
-def after_review(pool: ConnectionPool, store: ObjectStore, study_id: UUID) -> int:
-    """Write the next JSON revision of ``study_id``'s report; return its number."""
-    with pool.connection() as conn:
-        # The study row lock serialises revision numbers with the worker's report writer.
-        conn.execute("SELECT 1 FROM studies WHERE id = %s FOR UPDATE", (study_id,))
-        study = db.get_study(conn, study_id, tenant_id=None)
-        if study is None:
-            raise LookupError(f"study {study_id} vanished")
-        rows = db.instances(conn, study_id)
-        res = db.results(conn, study_id)
-        case = db.review_case(conn, study_id)
-        revision = claims.next_revision(conn, study_id)
-        body = report.to_json_bytes(report.build(study, rows, res, case))
-        key = report_key(str(study["tenant_id"]), str(study_id), revision, "json")
-        store.put(key, body, content_type="application/json")
-        db.insert_report(conn, study_id=study_id, revision=revision, fmt="json", object_key=key)
+def write_revision(conn: Connection, store: ObjectStore, study_id: UUID) -> int:
+    """Write the next JSON revision of ``study_id``'s report in the caller's transaction (so a
+    verdict and its report revision commit together); return its number."""
+    # The study row lock serialises revision numbers with the worker's report writer.
+    conn.execute("SELECT 1 FROM studies WHERE id = %s FOR UPDATE", (study_id,))
+    study = db.get_study(conn, study_id, tenant_id=None)
+    if study is None:
+        raise NotFound(f"study {study_id} not found")
+    rows = db.instances(conn, study_id)
+    res = db.results(conn, study_id)
+    case = db.review_case(conn, study_id)
+    revision = claims.next_revision(conn, study_id)
+    body = report.to_json_bytes(report.build(study, rows, res, case))
+    key = report_key(str(study["tenant_id"]), str(study_id), revision, "json")
+    store.put(key, body, content_type="application/json")
+    db.insert_report(conn, study_id=study_id, revision=revision, fmt="json", object_key=key)
     log.info("study %s: report revision %d after review", study_id, revision)
     return revision
 

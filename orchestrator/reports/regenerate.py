@@ -20,12 +20,20 @@ from psycopg_pool import ConnectionPool
 from orchestrator import report
 from orchestrator.db import claims
 from orchestrator.db import studies as db
-from orchestrator.errors import NotFound
+from orchestrator.errors import DependencyUnavailable, NotFound
 from orchestrator.reports import CONTENT_TYPES, EXTENSIONS, context, html, pdf, sr
 from orchestrator.reports.context import ReportContext
 from orchestrator.storage import ObjectStore, report_key
 
 log = logging.getLogger(__name__)
+
+
+def _put(store: ObjectStore, key: str, body: bytes, content_type: str) -> None:
+    # The local store lets OSError through (a full or read-only disk): an answer, not a crash.
+    try:
+        store.put(key, body, content_type=content_type)
+    except OSError as exc:
+        raise DependencyUnavailable("object store", type(exc).__name__) from exc
 
 
 def write_revision(conn: Connection, store: ObjectStore, study_id: UUID) -> int:
@@ -42,7 +50,7 @@ def write_revision(conn: Connection, store: ObjectStore, study_id: UUID) -> int:
     revision = claims.next_revision(conn, study_id)
     body = report.to_json_bytes(report.build(study, rows, res, case))
     key = report_key(str(study["tenant_id"]), str(study_id), revision, "json")
-    store.put(key, body, content_type="application/json")
+    _put(store, key, body, "application/json")
     db.insert_report(conn, study_id=study_id, revision=revision, fmt="json", object_key=key)
     log.info("study %s: report revision %d after review", study_id, revision)
     return revision
@@ -94,7 +102,7 @@ def rendered(
             raise NotFound(f"study {study_id} has no image an SR could reference")
         body = RENDERERS[fmt](ctx, target)
         key = report_key(str(study["tenant_id"]), str(study_id), target, EXTENSIONS[fmt])
-        store.put(key, body, content_type=CONTENT_TYPES[fmt])
+        _put(store, key, body, CONTENT_TYPES[fmt])
         db.insert_report(conn, study_id=study_id, revision=target, fmt=fmt, object_key=key)
     log.info("study %s: rendered %s of report revision %d", study_id, fmt, target)
     return body, target

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -157,6 +158,37 @@ def test_two_reviewers_racing_for_one_case(world: dict[str, Any]) -> None:
         if _post(world, who, "c", "release").status_code == 200:
             break
     assert _row(world, "c")[0] == "open"
+
+
+def test_a_failed_report_write_changes_nothing(
+    world: dict[str, Any], storage_dir: Path, database_url: str
+) -> None:
+    """The verdict and its report revision commit together: when the object store refuses
+    the new revision, the case stays claimed and no report row appears."""
+    with psycopg.connect(database_url) as conn:
+        tenant_id, key = conn.execute(
+            "SELECT s.tenant_id, r.object_key FROM studies s JOIN reports r ON r.study_id = s.id"
+            " WHERE s.id = %s AND r.revision = 1 AND r.format = 'json'",
+            (world["studies"]["a"],),
+        ).fetchone()
+    reports_dir = (storage_dir / key).parent
+    aside = reports_dir.with_name("reports-aside")
+    before = _row(world, "a")
+    assert before[0] == "claimed"
+    reports_dir.rename(aside)
+    reports_dir.write_bytes(b"not a directory")  # even root cannot put a file under it
+    try:
+        r = _post(world, "r2", "a", "verdict", verdict="agree")
+        assert r.status_code == 503 and "object store" in r.json()["detail"], r.text
+    finally:
+        reports_dir.unlink()
+        aside.rename(reports_dir)
+    assert _row(world, "a") == before
+    with psycopg.connect(database_url) as conn:
+        (n,) = conn.execute(
+            "SELECT count(*) FROM reports WHERE study_id = %s", (world["studies"]["a"],)
+        ).fetchone()
+    assert n == 1
 
 
 def _labels(

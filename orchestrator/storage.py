@@ -6,10 +6,12 @@ patient data. Both backends share the ``ObjectStore`` protocol so unit tests can
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from orchestrator.errors import DependencyUnavailable, ObjectNotFound, StorageError
@@ -22,6 +24,8 @@ S3_MAX_ATTEMPTS = 3
 
 class ObjectStore(Protocol):
     def put(self, key: str, data: bytes, *, content_type: str = ...) -> None: ...
+    # Large originals: written from chunks, never held whole in memory.
+    def put_stream(self, key: str, chunks: Iterable[bytes], *, content_type: str = ...) -> None: ...
     def get(self, key: str) -> bytes: ...
     def delete(self, key: str) -> None: ...
     def exists(self, key: str) -> bool: ...
@@ -48,6 +52,21 @@ class LocalStore:
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_stream(
+        self, key: str, chunks: Iterable[bytes], *, content_type: str = "application/octet-stream"
+    ) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -135,6 +154,20 @@ class S3Store:
         except Exception as exc:
             raise self._translate(exc, key) from exc
 
+    def put_stream(
+        self, key: str, chunks: Iterable[bytes], *, content_type: str = "application/octet-stream"
+    ) -> None:
+        # Multipart upload from a file-like view of the chunks (boto3 reads it part by part).
+        try:
+            self._client.upload_fileobj(
+                _ChunkReader(iter(chunks)),
+                self.bucket,
+                self._key(key),
+                ExtraArgs={"ContentType": content_type, **self._sse_args},
+            )
+        except Exception as exc:
+            raise self._translate(exc, key) from exc
+
     def get(self, key: str) -> bytes:
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
@@ -167,6 +200,28 @@ class S3Store:
             self._client.head_bucket(Bucket=self.bucket)
         except Exception as exc:
             raise DependencyUnavailable("object store", type(exc).__name__) from exc
+
+
+class _ChunkReader(io.RawIOBase):
+    """A read-only file over an iterator of byte chunks."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            try:
+                self._buf = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
 
 
 def open_store(

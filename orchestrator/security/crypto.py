@@ -5,11 +5,18 @@ associated data, so a ciphertext moved to another key does not open. Stored layo
 
     b"MTE1" | len(kid) (1 byte) | kid (ascii) | nonce (12 bytes) | ciphertext + tag (16 bytes)
 
+Large originals are written by ``put_stream`` in a segmented layout (the STREAM construction:
+each segment sealed on its own, nonce = prefix | segment number | last-segment flag, so
+reordered, dropped or truncated segments fail to open)::
+
+    b"MTE2" | len(kid) | kid | nonce prefix (7 bytes) | segment size (4 bytes, big endian) |
+    segment 0 ciphertext + tag | segment 1 ... | last segment ciphertext + tag
+
 Keys come from configuration as ``kid:base64(32 bytes)`` entries, comma-separated; the first
 encrypts, all decrypt, so rotating is "put the new key first, keep the old ones" and old
 objects stay readable. The wrapper implements only the protocol's methods on purpose: a new
-store method (e.g. a streaming put) raises AttributeError here instead of bypassing
-encryption, until it is added to this class.
+store method raises AttributeError here instead of bypassing encryption, until it is added
+to this class.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -29,7 +37,13 @@ from orchestrator.errors import StorageError
 from orchestrator.storage import ObjectStore
 
 MAGIC = b"MTE1"
+MAGIC_STREAM = b"MTE2"
 NONCE_BYTES = 12
+# Segmented layout: plaintext bytes per segment, and the nonce's random prefix length
+# (prefix + 4-byte segment number + 1-byte last flag = NONCE_BYTES).
+SEGMENT_BYTES = 1 << 20
+_PREFIX_BYTES = 7
+_TAG_BYTES = 16
 KEY_BYTES = 32  # AES-256
 _MAX_KID = 255
 
@@ -109,7 +123,62 @@ def seal(ring: KeyRing, key: str, data: bytes) -> bytes:
     return MAGIC + bytes([len(kid)]) + kid + nonce + sealed
 
 
+def _segment_nonce(prefix: bytes, index: int, last: bool) -> bytes:
+    return prefix + index.to_bytes(4, "big") + (b"\x01" if last else b"\x00")
+
+
+def seal_stream(
+    ring: KeyRing, key: str, chunks: Iterable[bytes], segment_bytes: int = SEGMENT_BYTES
+) -> Iterator[bytes]:
+    """The segmented layout of ``chunks``, produced one segment at a time."""
+    kid = ring.active.encode()
+    aead = AESGCM(ring.key(ring.active))
+    prefix = os.urandom(_PREFIX_BYTES)
+    yield MAGIC_STREAM + bytes([len(kid)]) + kid + prefix + segment_bytes.to_bytes(4, "big")
+    buf = bytearray()
+    index = 0
+    for chunk in chunks:
+        buf += chunk
+        # Keep at least one byte back: the last segment is only known at the end.
+        while len(buf) > segment_bytes:
+            piece = bytes(buf[:segment_bytes])
+            del buf[:segment_bytes]
+            yield aead.encrypt(_segment_nonce(prefix, index, False), piece, key.encode())
+            index += 1
+    yield aead.encrypt(_segment_nonce(prefix, index, True), bytes(buf), key.encode())
+
+
+def _open_stream(ring: KeyRing, key: str, blob: bytes) -> bytes:
+    n = blob[len(MAGIC_STREAM)]
+    pos = len(MAGIC_STREAM) + 1
+    kid = blob[pos : pos + n].decode("ascii", errors="replace")
+    pos += n
+    prefix = blob[pos : pos + _PREFIX_BYTES]
+    pos += _PREFIX_BYTES
+    segment_bytes = int.from_bytes(blob[pos : pos + 4], "big")
+    pos += 4
+    aead = AESGCM(ring.key(kid))
+    sealed = segment_bytes + _TAG_BYTES
+    out = bytearray()
+    index = 0
+    try:
+        while True:
+            last = len(blob) - pos <= sealed
+            piece = blob[pos : pos + sealed]
+            out += aead.decrypt(_segment_nonce(prefix, index, last), piece, key.encode())
+            if last:
+                return bytes(out)
+            pos += sealed
+            index += 1
+    except InvalidTag as exc:
+        raise ObjectTampered(
+            f"object {key} failed its AES-GCM integrity check (tampered, truncated or moved)"
+        ) from exc
+
+
 def open_sealed(ring: KeyRing, key: str, blob: bytes) -> bytes:
+    if blob.startswith(MAGIC_STREAM) and len(blob) > len(MAGIC_STREAM):
+        return _open_stream(ring, key, blob)
     if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 1:
         raise ObjectTampered(f"object {key} is not encrypted; refusing to serve it")
     n = blob[len(MAGIC)]
@@ -126,7 +195,7 @@ def open_sealed(ring: KeyRing, key: str, blob: bytes) -> bytes:
 
 def key_id_of(blob: bytes) -> str | None:
     """The key id an object was sealed with, or None if it is not sealed."""
-    if not blob.startswith(MAGIC):
+    if not blob.startswith((MAGIC, MAGIC_STREAM)):
         return None
     n = blob[len(MAGIC)]
     return blob[len(MAGIC) + 1 : len(MAGIC) + 1 + n].decode("ascii", errors="replace")
@@ -141,6 +210,13 @@ class EncryptedStore:
 
     def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
         self.inner.put(key, seal(self.ring, key, data), content_type="application/octet-stream")
+
+    def put_stream(
+        self, key: str, chunks: Iterable[bytes], *, content_type: str = "application/octet-stream"
+    ) -> None:
+        self.inner.put_stream(
+            key, seal_stream(self.ring, key, chunks), content_type="application/octet-stream"
+        )
 
     def get(self, key: str) -> bytes:
         return open_sealed(self.ring, key, self.inner.get(key))

@@ -315,10 +315,11 @@ def get_report(
     services: ServicesDep,
     principal: Reader,
     study_id: UUID,
-    format: Annotated[str, Query(pattern="^(json|html|pdf|sr)$")] = "json",
+    format: Annotated[str, Query(pattern="^(json|html|pdf|sr|sc)$")] = "json",
     revision: Annotated[int | None, Query(ge=1)] = None,
 ) -> Response:
-    """The newest (or the given) revision of the report as JSON, HTML, PDF or DICOM SR."""
+    """The newest (or the given) revision of the report as JSON, HTML, PDF, DICOM SR or a
+    DICOM Secondary Capture of the previews with the findings drawn on them."""
     _load(services, principal, study_id)
     with translate_errors():
         data, number = regenerate.rendered(
@@ -334,7 +335,7 @@ def get_report(
         detail={"revision": number, "format": format},
     )
     headers = {"X-Report-Revision": str(number)}
-    if format in ("pdf", "sr"):
+    if format in ("pdf", "sr", "sc"):
         name = f"report-{study_id}-r{number}.{EXTENSIONS[format]}"
         headers["Content-Disposition"] = f'attachment; filename="{name}"'
     return Response(content=data, media_type=CONTENT_TYPES[format], headers=headers)

@@ -3,7 +3,8 @@
 The JSON form is documented by ``report.schema.json`` (JSON Schema 2020-12). Every format is
 rendered from one stored JSON revision, so all formats of a revision say
 the same thing: ``html`` (self-contained page), ``pdf`` (reportlab), ``sr`` (DICOM
-Comprehensive 3D SR with a TID1500 measurement report, highdicom).
+Comprehensive 3D SR with a TID1500 measurement report, highdicom), ``sc`` (DICOM Secondary
+Capture: the previews with the findings drawn on them).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ CONTENT_TYPES = {
     "html": "text/html; charset=utf-8",
     "pdf": "application/pdf",
     "sr": "application/dicom",
+    "sc": "application/dicom",
 }
 # Format -> object key extension.
-EXTENSIONS = {"json": "json", "html": "html", "pdf": "pdf", "sr": "sr.dcm"}
+EXTENSIONS = {"json": "json", "html": "html", "pdf": "pdf", "sr": "sr.dcm", "sc": "sc.dcm"}
 FORMATS = tuple(CONTENT_TYPES)

@@ -21,7 +21,7 @@ from orchestrator import report
 from orchestrator.db import claims
 from orchestrator.db import studies as db
 from orchestrator.errors import DependencyUnavailable, NotFound
-from orchestrator.reports import CONTENT_TYPES, EXTENSIONS, context, html, pdf, sr
+from orchestrator.reports import CONTENT_TYPES, EXTENSIONS, context, html, pdf, sc, sr
 from orchestrator.reports.context import ReportContext
 from orchestrator.storage import ObjectStore, report_key
 
@@ -60,6 +60,7 @@ RENDERERS: dict[str, Callable[[ReportContext, int], bytes]] = {
     "html": html.render,
     "pdf": pdf.render,
     "sr": sr.render,
+    "sc": sc.render,
 }
 
 
@@ -95,11 +96,11 @@ def rendered(
             store,
             report,
             db.instances(conn, study_id),
-            previews=fmt in ("html", "pdf"),
-            sources=fmt == "sr",
+            previews=fmt in ("html", "pdf", "sc"),
+            sources=fmt in ("sr", "sc"),
         )
-        if fmt == "sr" and not ctx.sources:
-            raise NotFound(f"study {study_id} has no image an SR could reference")
+        if fmt in ("sr", "sc") and not ctx.sources:
+            raise NotFound(f"study {study_id} has no image a DICOM report could reference")
         body = RENDERERS[fmt](ctx, target)
         key = report_key(str(study["tenant_id"]), str(study_id), target, EXTENSIONS[fmt])
         _put(store, key, body, CONTENT_TYPES[fmt])

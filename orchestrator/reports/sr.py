@@ -51,7 +51,7 @@ _TYPE2_FROM_SOURCE = (
 )
 
 
-def _evidence(source: Dataset) -> Dataset:
+def evidence(source: Dataset) -> Dataset:
     ds = deepcopy(source)
     for keyword in _TYPE2_FROM_SOURCE:
         if keyword not in ds:
@@ -115,7 +115,7 @@ def render(ctx: ReportContext, revision: int) -> bytes:
     """The SR (Explicit VR Little Endian, Part 10) for one report revision."""
     report = ctx.report
     sources = [
-        _evidence(ctx.sources[str(i["id"])])
+        evidence(ctx.sources[str(i["id"])])
         for i in report["instances"]
         if str(i["id"]) in ctx.sources
     ]

@@ -19,7 +19,7 @@ import jsonschema
 import psycopg
 import pydicom
 import pytest
-from pydicom.uid import Comprehensive3DSRStorage
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from orchestrator.reports import SCHEMA_FILE
 from orchestrator.samples import load_samples
@@ -130,6 +130,28 @@ def _check_sr(world: dict[str, Any], data: bytes, tmp_path: Path, name: str) -> 
     return text
 
 
+def _check_sc(world: dict[str, Any], data: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "r1.sc.dcm"
+    path.write_bytes(data)
+    vfy = subprocess.run([_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
+    lines = (vfy.stdout + vfy.stderr).splitlines()
+    assert "SCImage" in lines, lines
+    assert [line for line in lines if line.startswith("Error")] == [], lines
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert ds.SOPClassUID == SecondaryCaptureImageStorage
+    assert ds.StudyInstanceUID == world["study_uid"] and ds.BurnedInAnnotation == "YES"
+    (ref,) = ds.SourceImageSequence
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (
+        world["sop_class"],
+        world["sop_uid"],
+    )
+    pixels = ds.pixel_array
+    assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.shape[1] >= 256
+    # The banner is drawn in yellow (R and G high, B low) above the preview.
+    banner = pixels[:36].reshape(-1, 3).astype(int)
+    assert ((banner[:, 0] > 200) & (banner[:, 1] > 200) & (banner[:, 2] < 80)).sum() > 100
+
+
 def test_every_format_of_the_first_revision(world: dict[str, Any], tmp_path: Path) -> None:
     j = _get(world, "json")
     assert j.headers["content-type"] == "application/json"
@@ -165,6 +187,9 @@ def test_every_format_of_the_first_revision(world: dict[str, Any], tmp_path: Pat
     assert "Label after clinician review" not in dump
     # Stored once: the same bytes on the next request.
     assert _get(world, "sr").content == s.content
+    sc = _get(world, "sc")
+    assert sc.headers["content-type"] == "application/dicom"
+    _check_sc(world, sc.content, tmp_path)
     bad = world["client"].get(f"/v1/studies/{world['study_id']}/report", params={"format": "docx"})
     assert bad.status_code == 422
     missing = world["client"].get(
@@ -219,6 +244,7 @@ def test_override_makes_a_new_revision_and_keeps_the_old(
         (1, "html"),
         (1, "json"),
         (1, "pdf"),
+        (1, "sc"),
         (1, "sr"),
         (2, "html"),
         (2, "json"),

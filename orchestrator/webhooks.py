@@ -332,7 +332,10 @@ class Dispatcher(threading.Thread):
         self.inflight: set[Future[None]] = set()
 
     def _deliver(self, delivery: dict[str, Any]) -> None:
-        delivered, status, error = attempt(self.client, delivery)
+        if delivery["active"]:
+            delivered, status, error = attempt(self.client, delivery)
+        else:  # deleted since the event: nothing is sent; the delivery goes dead
+            delivered, status, error = False, None, "endpoint deleted"
         try:
             with self.pool.connection() as conn:
                 outcome = record(conn, delivery, delivered, status, error)

@@ -227,3 +227,17 @@ def test_webhooks_end_to_end(
     assert c.delete(f"/v1/webhooks/{flaky['id']}").status_code == 204
     assert c.delete(f"/v1/webhooks/{flaky['id']}").status_code == 404
     assert len(c.get("/v1/webhooks").json()["items"]) == 3
+    # A delivery of a deleted endpoint is never sent again, even when asked to.
+    sent_slow = len(receiver.to("/slow"))
+    assert c.delete(f"/v1/webhooks/{slow['id']}").status_code == 204
+    r = c.post(f"/v1/webhooks/{slow['id']}/deliveries/{timed_out['id']}/redeliver")
+    assert r.status_code == 200, r.text
+    _wait(
+        "deleted endpoint's delivery dead",
+        lambda: [
+            d
+            for d in deliveries(slow, status="dead")
+            if d["last_error"] == "endpoint deleted" and d["id"] == timed_out["id"]
+        ],
+    )
+    assert len(receiver.to("/slow")) == sent_slow

@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from psycopg_pool import ConnectionPool
+from pydicom import dcmread
 from redis import Redis
 from rq.job import Job, JobStatus
 
@@ -29,6 +32,12 @@ from orchestrator.storage import ObjectStore, original_key
 log = logging.getLogger(__name__)
 
 ACCEPTED, DUPLICATE, REJECTED = "accepted", "duplicate", "rejected"
+# Files spooled to disk above this size are validated from their header and streamed to the
+# store, never read whole into memory; smaller ones are simply read.
+STREAM_ABOVE_BYTES = 16 * 1024 * 1024
+STREAM_CHUNK_BYTES = 1024 * 1024
+# Element values above this size are left on disk while the header is checked.
+DEFER_BYTES = 64 * 1024
 # Priority (0040,1003) RequestedProcedurePriority / (0000,0700) values that mean STAT.
 _STAT_VALUES = {"STAT", "HIGH"}
 
@@ -85,14 +94,17 @@ def ingest_file(
     store: ObjectStore,
     principal: Principal,
     filename: str,
-    data: bytes,
+    data: bytes | Path,
     *,
     max_pixels: int,
     priority: str | None,
     expect_study_uid: str | None = None,
 ) -> FileOutcome:
+    """One file (bytes, or a spooled file on disk: large ones are streamed to the store)."""
+    if isinstance(data, Path) and data.stat().st_size <= STREAM_ABOVE_BYTES:
+        data = data.read_bytes()
     try:
-        ds = preprocess.read_dicom(data)
+        ds = preprocess.read_dicom(data) if isinstance(data, bytes) else _read_header(data)
     except preprocess.PreprocessError as exc:
         return FileOutcome(filename, REJECTED, str(exc), exc.category)
     try:
@@ -149,7 +161,7 @@ def ingest_file(
                 filename, DUPLICATE, None, None, study_id, None, sop_class_uid, sop_uid
             )
         key = original_key(str(principal.tenant_id), str(study_id), str(instance_id))
-        store.put(key, data, content_type="application/dicom")
+        size, digest = _put_original(store, key, data)
         try:
             series_id = db.upsert_series(
                 conn, study_id=study_id, series_uid=series_uid, modality=str(ds.get("Modality", ""))
@@ -168,8 +180,8 @@ def ingest_file(
                 columns=int(ds.get("Columns", 0) or 0),
                 frames=int(ds.get("NumberOfFrames", 1) or 1),
                 object_key=key,
-                size_bytes=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
+                size_bytes=size,
+                sha256=digest,
             )
             conn.commit()
         except BaseException:
@@ -189,13 +201,43 @@ def ingest_file(
     )
 
 
+def _read_header(path: Path) -> Any:
+    """A large file's dataset with its big values (pixel data) left on disk until read."""
+    try:
+        return dcmread(path, defer_size=DEFER_BYTES)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt headers
+        raise preprocess.NotDicomError(
+            f"not readable as DICOM Part 10 ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _put_original(store: ObjectStore, key: str, data: bytes | Path) -> tuple[int, str]:
+    """Store the original; its size and SHA-256 (computed while streaming a file)."""
+    if isinstance(data, bytes):
+        store.put(key, data, content_type="application/dicom")
+        return len(data), hashlib.sha256(data).hexdigest()
+    sha = hashlib.sha256()
+    size = 0
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal size
+        with data.open("rb") as fh:
+            while chunk := fh.read(STREAM_CHUNK_BYTES):
+                sha.update(chunk)
+                size += len(chunk)
+                yield chunk
+
+    store.put_stream(key, chunks(), content_type="application/dicom")
+    return size, sha.hexdigest()
+
+
 def ingest(
     pool: ConnectionPool,
     store: ObjectStore,
     redis: Redis,
     queue_name: str,
     principal: Principal,
-    files: list[tuple[str, bytes]],
+    files: Sequence[tuple[str, bytes | Path]],
     *,
     max_pixels: int,
     job_timeout_s: int,

@@ -7,6 +7,8 @@ file's outcome. ``Idempotency-Key`` makes a retried upload return the first answ
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -94,22 +96,25 @@ async def create_study(
         settings.max_queue_depth,
         settings.max_queue_age_s,
     )
-    payload, rejected = await uploads.rest_payload(request, files, settings.max_upload_bytes)
-    return uploads.idempotent(
-        request,
-        services,
-        principal,
-        route="POST /v1/studies",
-        request_sha256=uploads.digest(payload, priority, str(len(rejected))),
-        answer=lambda: _create(request, services, principal, payload, rejected, priority),
-    )
+    with tempfile.TemporaryDirectory(prefix="medtriage-upload-") as spool:
+        payload, rejected = await uploads.rest_payload(
+            request, files, settings.max_upload_bytes, Path(spool)
+        )
+        return uploads.idempotent(
+            request,
+            services,
+            principal,
+            route="POST /v1/studies",
+            request_sha256=lambda: uploads.digest(payload, priority, str(len(rejected))),
+            answer=lambda: _create(request, services, principal, payload, rejected, priority),
+        )
 
 
 def _create(
     request: Request,
     services: ServicesDep,
     principal: Principal,
-    payload: list[tuple[str, bytes]],
+    payload: uploads.Payload,
     rejected: list[ingest.FileOutcome],
     priority: str | None,
 ) -> JSONResponse:
@@ -126,7 +131,7 @@ def _create(
         priority=priority,
     )
     for (_, data), outcome in zip(payload, result.files, strict=True):
-        metrics.observe_upload("rest", outcome.outcome, len(data))
+        metrics.observe_upload("rest", outcome.outcome, uploads.size_of(data))
     for outcome in rejected:
         metrics.observe_upload("rest", outcome.outcome, 0)
     result.files.extend(rejected)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request, UploadFile
@@ -41,7 +42,11 @@ _KEY_PATTERN = re.compile(r"^[\x21-\x7e]([\x20-\x7e]{0,253}[\x21-\x7e])?$")
 IDEMPOTENCY_PENDING_TIMEOUT_S = 300
 REPLAYED_HEADER = "Idempotent-Replayed"
 
-Payload = list[tuple[str, bytes]]
+# A file's content in memory, or spooled to disk (large bodies never sit in memory whole).
+Content = bytes | Path
+Payload = list[tuple[str, Content]]
+# Request bodies are copied to disk in pieces of this size.
+SPOOL_CHUNK_BYTES = 1024 * 1024
 
 
 def media_type(request: Request) -> tuple[str, dict[str, str]]:
@@ -66,6 +71,36 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(buf)
 
 
+async def spool_body(request: Request, limit: int, path: Path) -> int:
+    """Copy the body to ``path`` as it arrives; 413 as soon as it passes ``limit``."""
+    size = 0
+    with path.open("wb") as fh:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+            fh.write(chunk)
+    return size
+
+
+async def _spool_upload(upload: UploadFile, path: Path) -> Path:
+    with path.open("wb") as fh:
+        while chunk := await upload.read(SPOOL_CHUNK_BYTES):
+            fh.write(chunk)
+    return path
+
+
+def size_of(content: Content) -> int:
+    return len(content) if isinstance(content, bytes) else content.stat().st_size
+
+
+def _head(content: Content) -> bytes:
+    if isinstance(content, bytes):
+        return content[:4]
+    with content.open("rb") as fh:
+        return fh.read(4)
+
+
 def _filename(request: Request, default: str) -> str:
     disposition = request.headers.get("content-disposition", "")
     match = re.search(r'filename="?([^";]+)"?', disposition)
@@ -77,10 +112,12 @@ def expand_zips(files: Payload, *, max_bytes: int) -> tuple[Payload, list[FileOu
     out: Payload = []
     rejected: list[FileOutcome] = []
     for name, data in files:
-        if not archive.is_zip(data):
+        if not archive.is_zip(_head(data)):
             out.append((name, data))
             continue
-        unpacked = archive.unpack(data, name=name, max_bytes=max_bytes)
+        # Zips are opened in memory (within the upload limit): their members are small.
+        raw = data if isinstance(data, bytes) else data.read_bytes()
+        unpacked = archive.unpack(raw, name=name, max_bytes=max_bytes)
         out.extend(unpacked.files)
         rejected.extend(
             FileOutcome(member, REJECTED, reason, "archive") for member, reason in unpacked.rejected
@@ -89,9 +126,10 @@ def expand_zips(files: Payload, *, max_bytes: int) -> tuple[Payload, list[FileOu
 
 
 async def rest_payload(
-    request: Request, files: list[UploadFile] | None, max_bytes: int
+    request: Request, files: list[UploadFile] | None, max_bytes: int, spool: Path
 ) -> tuple[Payload, list[FileOutcome]]:
-    """The files of a ``POST /v1/studies`` body, whichever of the three forms it came in."""
+    """The files of a ``POST /v1/studies`` body, whichever of the three forms it came in.
+    DICOM bodies and form files are spooled to files under ``spool`` (the caller removes it)."""
     essence, _ = media_type(request)
     payload: Payload = []
     if essence == FORM_TYPE or not essence:
@@ -100,12 +138,13 @@ async def rest_payload(
                 "no files: send DICOM files (or a zip) as multipart/form-data fields named 'files'"
             )
         for index, upload in enumerate(files):
-            payload.append((upload.filename or f"file-{index}", await upload.read()))
+            path = await _spool_upload(upload, spool / f"form-{index}")
+            payload.append((upload.filename or f"file-{index}", path))
     elif essence == DICOM_TYPE:
-        data = await read_body(request, max_bytes)
-        if not data:
+        path = spool / "body.dcm"
+        if not await spool_body(request, max_bytes, path):
             raise BadRequest("empty application/dicom body: send one DICOM Part 10 file")
-        payload.append((_filename(request, "body.dcm"), data))
+        payload.append((_filename(request, "body.dcm"), path))
     elif essence in ZIP_TYPES:
         data = await read_body(request, max_bytes)
         payload.append((_filename(request, "upload.zip"), data))
@@ -126,8 +165,18 @@ def digest(payload: Payload, *extra: str | None) -> str:
     for value in extra:
         h.update(f"{value}\0".encode())
     for name, data in payload:
-        h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+        h.update(name.encode() + b"\0" + _sha256(data))
     return h.hexdigest()
+
+
+def _sha256(content: Content) -> bytes:
+    if isinstance(content, bytes):
+        return hashlib.sha256(content).digest()
+    sha = hashlib.sha256()
+    with content.open("rb") as fh:
+        while chunk := fh.read(SPOOL_CHUNK_BYTES):
+            sha.update(chunk)
+    return sha.digest()
 
 
 def idempotent(
@@ -136,7 +185,7 @@ def idempotent(
     principal: Principal,
     *,
     route: str,
-    request_sha256: str,
+    request_sha256: Callable[[], str],
     answer: Callable[[], JSONResponse],
 ) -> JSONResponse:
     """Run ``answer`` once per Idempotency-Key; without the header, just run it."""
@@ -146,18 +195,19 @@ def idempotent(
     if not _KEY_PATTERN.match(key):
         raise BadRequest("Idempotency-Key must be 1-255 printable ASCII characters")
     settings = services.settings
+    fingerprint = request_sha256()  # only now: hashing a large upload costs a pass over it
     with translate_errors(), services.pool.connection() as conn:
         claim = idempotency.claim(
             conn,
             tenant_id=principal.tenant_id,
             key=key,
             route=route,
-            request_sha256=request_sha256,
+            request_sha256=fingerprint,
             ttl_s=settings.idempotency_ttl_s,
             pending_timeout_s=IDEMPOTENCY_PENDING_TIMEOUT_S,
         )
     if not claim.owner:
-        if claim.route != route or claim.request_sha256 != request_sha256:
+        if claim.route != route or claim.request_sha256 != fingerprint:
             raise InvalidUpload(
                 "this Idempotency-Key was used for a different request; use a new key for "
                 "new content"

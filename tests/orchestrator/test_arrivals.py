@@ -1,9 +1,11 @@
 """Study completeness over real PostgreSQL and Redis: arrivals wait for the stable age or a
 'complete' signal, and instances that arrive while their study's job runs are queued again
-after that run (no worker here: the job's state is set by hand on a private queue)."""
+after that run. A database of its own (no other process's sweeper takes its studies) and a
+queue no worker reads; the job's state is set by hand."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,19 +20,36 @@ from rq.job import Job, JobStatus
 
 from orchestrator import arrivals, ingest
 from orchestrator import queue as jobqueue
-from orchestrator.db import connect_pool
+from orchestrator.db import connect_pool, upgrade
 from orchestrator.db.keys import Principal, ensure_tenant
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.storage import LocalStore
 
 pytestmark = pytest.mark.integration
 
+ADMIN_DATABASE_URL = os.environ.get(
+    "MEDTRIAGE_TEST_ADMIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
 JOB_TIMEOUT_S = 60
 LONG_S = 3600.0
 
 
 @pytest.fixture
-def env(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+def own_database() -> Iterator[str]:
+    name = f"medtriage_arrivals_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(ADMIN_DATABASE_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = ADMIN_DATABASE_URL.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(url)
+    yield url
+    with psycopg.connect(ADMIN_DATABASE_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def env(own_database: str, redis_url: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    database_url = own_database
     pool = connect_pool(database_url)
     pool.wait()
     redis = Redis.from_url(redis_url)
@@ -114,9 +133,10 @@ def test_arrivals_wait_then_queue_and_a_running_job_is_followed_by_another(
     assert _row(env, study_id)[1] == 0  # waiting for the running job, marked complete
     assert _sweep(env) == []  # not while it runs
     assert _row(env, study_id)[1] == 0
+    first_enqueue = job.enqueued_at
     job.set_status(JobStatus.FINISHED)
     assert _sweep(env) == [study_id]
     assert _row(env, study_id)[1] is None
-    assert Job.fetch(jobqueue.job_id(study_id), connection=env["redis"]).get_status() == (
-        JobStatus.QUEUED
-    )
+    again = Job.fetch(jobqueue.job_id(study_id), connection=env["redis"])
+    assert again.get_status() == JobStatus.QUEUED
+    assert again.enqueued_at is not None and again.enqueued_at > first_enqueue

@@ -40,6 +40,8 @@ class CommonSettings(BaseSettings):
     # Database connection pool bounds per process.
     db_pool_min: int = 1
     db_pool_max: int = 8
+    # A pooled connection unchecked for this long is checked before use (0 = every checkout).
+    db_check_after_s: float = 1.0
     # RQ: a study job taking longer than this is killed and marked failed.
     job_timeout_s: int = 600
     # Reliability (orchestrator/reconcile.py): an open study untouched this long is checked
@@ -133,6 +135,10 @@ class WorkerSettings(CommonSettings):
     worker_metrics_port: int = 9200
     worker_metrics_port_span: int = 100
     worker_metrics_address: str = "127.0.0.1"
+    # Worker commits wait for the WAL flush only when true. Off by default: what a worker
+    # writes is re-derivable (a crash that loses its last commits reopens the study, and the
+    # reconciler reruns it with exactly-once effects); ingest commits are always durable.
+    worker_synchronous_commit: bool = False
 
 
 class CliSettings(ApiSettings, WorkerSettings):

@@ -86,7 +86,13 @@ def build_context(settings: WorkerSettings, name: str) -> WorkerContext:
             raise RuntimeError(f"Triton at {settings.triton_grpc_url} not ready")
         time.sleep(TRITON_READY_POLL_S)
     upgrade(settings.database_url)
-    pool = connect_pool(settings.database_url, min_size=1, max_size=4)
+    pool = connect_pool(
+        settings.database_url,
+        min_size=1,
+        max_size=4,
+        check_after_s=settings.db_check_after_s,
+        synchronous_commit=settings.worker_synchronous_commit,
+    )
     pool.wait()
     with pool.connection() as conn:
         routing.sync_versions(conn, {m: spec.versions for m, spec in models.items()})

@@ -68,7 +68,10 @@ def _services(settings: ApiSettings) -> Services:
     return Services(
         settings=settings,
         pool=connect_pool(
-            settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+            settings.database_url,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            check_after_s=settings.db_check_after_s,
         ),
         redis=jobqueue.connect(settings.redis_url),
         store=open_store(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psycopg
@@ -14,19 +16,52 @@ from orchestrator.errors import DependencyUnavailable
 POOL_TIMEOUT_S = 5.0
 # Per-connection timeout when opening a new connection.
 CONNECT_TIMEOUT_S = 5
+# A pooled connection is checked (one round trip) before it is handed out only when it has
+# not been checked for this long. Checking on every checkout cost a round trip per
+# checkout, ~15 per study (benchmarks/README.md); a connection broken within this window
+# fails its operation, which callers already treat as transient (503, or a step retry).
+CHECK_AFTER_S = 1.0
 
 
-def connect_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> ConnectionPool:
-    """Open a pool without waiting: the API must start (and say 'not ready') while the DB is down."""
+def _throttled_check(after_s: float) -> Callable[[psycopg.Connection], None]:
+    checked: weakref.WeakKeyDictionary[psycopg.Connection, float] = weakref.WeakKeyDictionary()
+
+    def check(conn: psycopg.Connection) -> None:
+        now = time.monotonic()
+        if now - checked.get(conn, float("-inf")) < after_s:
+            return
+        ConnectionPool.check_connection(conn)
+        checked[conn] = now
+
+    return check
+
+
+def connect_pool(
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 8,
+    check_after_s: float = CHECK_AFTER_S,
+    synchronous_commit: bool = True,
+) -> ConnectionPool:
+    """Open a pool without waiting: the API must start (and say 'not ready') while the DB is down.
+
+    ``synchronous_commit=False`` is for writers whose work is re-derivable (the workers: a
+    study whose last commits are lost in a server crash is reopened by the reconciler and
+    rerun, with exactly-once effects); what the API accepts is always committed durably.
+    """
+    kwargs: dict[str, object] = {"connect_timeout": CONNECT_TIMEOUT_S, "autocommit": False}
+    if not synchronous_commit:
+        kwargs["options"] = "-c synchronous_commit=off"
     pool = ConnectionPool(
         url,
         min_size=min_size,
         max_size=max_size,
         timeout=POOL_TIMEOUT_S,
-        kwargs={"connect_timeout": CONNECT_TIMEOUT_S, "autocommit": False},
+        kwargs=kwargs,
         open=False,
         # A connection dropped by a server restart is replaced instead of handed out broken.
-        check=ConnectionPool.check_connection,
+        check=_throttled_check(check_after_s),
     )
     pool.open(wait=False)
     return pool

@@ -127,6 +127,7 @@ def ingest_file(
 
     try:
         preprocess.check_image(ds, max_pixels=max_pixels)
+        _check_complete(ds, data)
         study_uid = str(ds.StudyInstanceUID)
         series_uid = str(ds.SeriesInstanceUID)
         sop_uid = str(ds.SOPInstanceUID)
@@ -199,6 +200,33 @@ def ingest_file(
     return FileOutcome(
         filename, ACCEPTED, None, None, study_id, instance_id, sop_class_uid, sop_uid
     )
+
+
+def _check_complete(ds: Any, data: bytes | Path) -> None:
+    """Refuse uncompressed pixel data (7FE0,0010) shorter than (0028,0010) Rows x (0028,0011)
+    Columns x (0028,0008) NumberOfFrames x (0028,0002) SamplesPerPixel x (0028,0100)
+    BitsAllocated declare: a truncated transfer fails here, not later in a worker."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or syntax.is_compressed or "PixelData" not in ds:
+        return
+    try:
+        bits = int(ds.BitsAllocated)
+        count = int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
+        count *= int(ds.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return  # check_image and the decoder report missing or odd image tags
+    expected = (count * bits + 7) // 8
+    element = ds.get_item("PixelData", keep_deferred=True)
+    if isinstance(data, Path) and getattr(element, "value", b"") is None:
+        # Deferred (left on disk): its declared length, and what the file really holds.
+        present = min(element.length, data.stat().st_size - element.value_tell)
+    else:
+        present = len(ds.PixelData or b"")
+    if present < expected:
+        raise preprocess.TruncatedError(
+            f"pixel data holds {present} bytes but the image tags declare {expected}: "
+            "the file is truncated; send it again"
+        )
 
 
 def _read_header(path: Path) -> Any:

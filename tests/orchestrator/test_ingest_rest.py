@@ -273,3 +273,16 @@ def test_idempotency_key_in_flight_is_409_and_bad_key_400(
     r = api.post("/v1/studies", content=data, headers={**headers, "Idempotency-Key": "x" * 300})
     assert r.status_code == 400
     assert "Idempotency-Key" in r.json()["detail"]
+
+
+def test_truncated_original_is_refused_at_upload(
+    api: TestClient, auth: dict[str, str], storage_dir: Path
+) -> None:
+    (data,) = _instances(generate_uid(), 1)
+    objects = _objects(storage_dir)
+    r = api.post(
+        "/v1/studies", content=data[:-100], headers={**auth, "Content-Type": "application/dicom"}
+    )
+    assert r.status_code == 422, r.text
+    assert "truncated" in r.json()["detail"]
+    assert _objects(storage_dir) == objects

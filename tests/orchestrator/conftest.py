@@ -1,8 +1,10 @@
-"""Fixtures shared by the review tests (test_review.py, test_review_page.py)."""
+"""Fixtures shared by the review tests (test_review.py, test_review_page.py) and the PHI
+tests (test_deid.py, test_phi.py)."""
 
 from __future__ import annotations
 
 import io
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -58,5 +60,71 @@ def review_study() -> Callable[..., str]:
 
     def _make(client: httpx.Client, key: str, image: Any, priority: str = "routine") -> str:
         return upload_and_wait(client, key, lossy_radiograph(image, generate_uid()), priority)
+
+    return _make
+
+
+# Twenty identifying attributes (PS3.15 Annex E) and how to make a unique value for each.
+PHI_TAGS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "InstitutionName",
+    "ReferringPhysicianName",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "OtherPatientIDs",
+    "PatientAddress",
+    "StudyID",
+    "InstitutionAddress",
+    "StationName",
+    "OperatorsName",
+    "PerformingPhysicianName",
+    "PatientTelephoneNumbers",
+    "StudyDescription",
+    "DeviceSerialNumber",
+    "PatientMotherBirthName",
+)
+
+
+def phi_values(study_uid: str, series_uid: str, sop_uid: str) -> dict[str, str]:
+    """A fresh, unique value for each of PHI_TAGS (short enough for its VR); a birth date in
+    the 1600s, so no timestamp of ours can contain it by chance."""
+    tok = secrets.token_hex(4).upper()
+    values = {k: f"{k[:5].upper()}{tok}" for k in PHI_TAGS}
+    values["PatientName"] = f"PNFAM{tok}^PNGIV{tok}"
+    values["ReferringPhysicianName"] = f"REFDR{tok}^X"
+    values["OperatorsName"] = f"OPER{tok}^Y"
+    values["PerformingPhysicianName"] = f"PERFDR{tok}^Z"
+    values["PatientMotherBirthName"] = f"MOTHER{tok}^W"
+    values["PatientBirthDate"] = f"16{secrets.randbelow(100):02d}{secrets.randbelow(12) + 1:02d}"
+    values["PatientBirthDate"] += f"{secrets.randbelow(28) + 1:02d}"
+    values["StudyInstanceUID"], values["SeriesInstanceUID"] = study_uid, series_uid
+    values["SOPInstanceUID"] = sop_uid
+    return values
+
+
+def plant_phi(data: bytes, values: dict[str, str]) -> bytes:
+    """``data`` (a DICOM file) with ``values`` written into its attributes by keyword."""
+    ds = dcmread(io.BytesIO(data))
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def phi_radiograph() -> Callable[..., tuple[bytes, dict[str, str]]]:
+    """``phi_radiograph(image, study_uid, series_uid)``: a radiograph with a unique value
+    planted in each of the 20 PHI_TAGS; returns (bytes, {keyword: value})."""
+
+    def _make(image: Any, study_uid: str, series_uid: str) -> tuple[bytes, dict[str, str]]:
+        values = phi_values(study_uid, series_uid, generate_uid())
+        base = radiograph(image, study_uid=study_uid, series_uid=series_uid)
+        return plant_phi(base, values), values
 
     return _make

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
+from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 
@@ -45,44 +46,83 @@ def failure_reason(category: str | None) -> int:
     return _REASONS.get(category or "", PROCESSING_FAILURE)
 
 
-def split_related(body: bytes, boundary: str) -> list[tuple[dict[str, str], bytes]]:
-    """The parts of a multipart/related body (RFC 2387 / RFC 2046 §5.1.1): each part's
-    headers (lower-case names) and content. Raises BadRequest when the framing is broken."""
+# Part headers are looked for within this many bytes of a part's start.
+_MAX_PART_HEADERS = 16 * 1024
+# The body is scanned for boundaries in pieces of this size (never read whole).
+_SCAN_BYTES = 1024 * 1024
+
+
+def _find_all(fh: BinaryIO, needle: bytes) -> list[int]:
+    """Offsets of every ``needle`` in the file, reading it piece by piece."""
+    found: list[int] = []
+    fh.seek(0)
+    offset = 0  # file offset of window[0]
+    window = b""
+    while chunk := fh.read(_SCAN_BYTES):
+        window += chunk
+        at = window.find(needle)
+        while at >= 0:
+            found.append(offset + at)
+            at = window.find(needle, at + 1)
+        # Keep a tail too short to hold a match: a needle split across reads is still found.
+        keep = len(needle) - 1
+        if len(window) > keep:
+            offset += len(window) - keep
+            window = window[len(window) - keep :]
+    return found
+
+
+def _read(fh: BinaryIO, at: int, size: int) -> bytes:
+    fh.seek(at)
+    return fh.read(size)
+
+
+def split_related(fh: BinaryIO, boundary: str) -> list[tuple[dict[str, str], int, int]]:
+    """The parts of a multipart/related body (RFC 2387 / RFC 2046 §5.1.1) in a file: each
+    part's headers (lower-case names) and the [start, end) offsets of its content. Raises
+    BadRequest when the framing is broken."""
     if not boundary:
         raise BadRequest("multipart/related without a boundary parameter")
     delimiter = b"--" + boundary.encode("latin-1")
-    start = body.find(delimiter)
-    if start < 0 or (start > 0 and body[start - 2 : start] != b"\r\n"):
+    # A delimiter opens the body or follows a CRLF.
+    starts = [at + 2 for at in _find_all(fh, b"\r\n" + delimiter)]
+    if _read(fh, 0, len(delimiter)) == delimiter:
+        starts.insert(0, 0)
+    if not starts:
         raise BadRequest("multipart body does not contain its boundary")
-    parts: list[tuple[dict[str, str], bytes]] = []
-    pos = start + len(delimiter)
-    while True:
-        if body[pos : pos + 2] == b"--":
+    parts: list[tuple[dict[str, str], int, int]] = []
+    for index, at in enumerate(starts):
+        after = at + len(delimiter)
+        line = _read(fh, after, _MAX_PART_HEADERS)
+        if line.startswith(b"--"):
             return parts
-        line_end = body.find(b"\r\n", pos)
+        line_end = line.find(b"\r\n")
         if line_end < 0:
             raise BadRequest("multipart body ends inside a boundary line")
-        pos = line_end + 2
-        end = body.find(b"\r\n" + delimiter, pos)
-        if end < 0:
+        if index + 1 == len(starts):
             raise BadRequest("multipart body has no closing boundary (truncated upload?)")
-        parts.append(_part(body[pos:end]))
-        pos = end + 2 + len(delimiter)
+        begin, end = after + line_end + 2, starts[index + 1] - 2
+        headers, content_start = _part_headers(
+            _read(fh, begin, min(end - begin, _MAX_PART_HEADERS))
+        )
+        parts.append((headers, begin + content_start, end))
+    raise BadRequest("multipart body has no closing boundary (truncated upload?)")
 
 
-def _part(raw: bytes) -> tuple[dict[str, str], bytes]:
-    if raw.startswith(b"\r\n"):
-        return {}, raw[2:]
-    head_end = raw.find(b"\r\n\r\n")
+def _part_headers(head: bytes) -> tuple[dict[str, str], int]:
+    """A part's headers and where its content starts (relative to the part)."""
+    if head.startswith(b"\r\n"):
+        return {}, 2
+    head_end = head.find(b"\r\n\r\n")
     if head_end < 0:
         raise BadRequest("multipart part without a blank line after its headers")
     headers: dict[str, str] = {}
-    for line in raw[:head_end].decode("latin-1").split("\r\n"):
+    for line in head[:head_end].decode("latin-1").split("\r\n"):
         name, colon, value = line.partition(":")
         if not colon:
             raise BadRequest(f"malformed multipart part header {line[:60]!r}")
         headers[name.strip().lower()] = value.strip()
-    return headers, raw[head_end + 4 :]
+    return headers, head_end + 4
 
 
 def store_response(outcomes: Iterable[FileOutcome], retrieve_base: str | None = None) -> Dataset:

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -80,21 +83,53 @@ async def _store(
         settings.max_queue_depth,
         settings.max_queue_age_s,
     )
-    body = await uploads.read_body(request, settings.max_upload_bytes)
-    parts = dicomweb.split_related(body, params.get("boundary", ""))
-    del body
+    with tempfile.TemporaryDirectory(prefix="medtriage-stow-") as spool:
+        body = Path(spool) / "body"
+        size = await uploads.spool_body(request, settings.max_upload_bytes, body)
+        if not size:
+            raise BadRequest("empty body: send one DICOM instance per multipart/related part")
+        with body.open("rb") as fh:
+            parts = dicomweb.split_related(fh, params.get("boundary", ""))
+            files, refused = _split_files(fh, parts, Path(spool))
+        return _answer(request, services, principal, study_uid, files, refused)
+
+
+def _split_files(
+    fh: BinaryIO, parts: list[tuple[dict[str, str], int, int]], spool: Path
+) -> tuple[uploads.Payload, list[tuple[int, FileOutcome]]]:
+    """Each part as bytes, or copied to its own file when large (never all in memory)."""
     if not parts:
         raise BadRequest("multipart body holds no parts: send one DICOM instance per part")
-    files: list[tuple[str, bytes]] = []
+    files: uploads.Payload = []
     refused: list[tuple[int, FileOutcome]] = []
-    for index, (headers, content) in enumerate(parts):
+    for index, (headers, start, end) in enumerate(parts):
         name = headers.get("content-location") or f"part-{index + 1}"
         ctype = headers.get("content-type", uploads.DICOM_TYPE).split(";")[0].strip().lower()
         if ctype != uploads.DICOM_TYPE:
             reason = f"{name}: part Content-Type {ctype!r} is not application/dicom"
             refused.append((index, FileOutcome(name, REJECTED, reason, "media_type")))
+        elif end - start <= ingest.STREAM_ABOVE_BYTES:
+            fh.seek(start)
+            files.append((name, fh.read(end - start)))
         else:
-            files.append((name, content))
+            path = spool / f"part-{index}"
+            fh.seek(start)
+            with path.open("wb") as out:
+                for offset in range(start, end, uploads.SPOOL_CHUNK_BYTES):
+                    out.write(fh.read(min(end - offset, uploads.SPOOL_CHUNK_BYTES)))
+            files.append((name, path))
+    return files, refused
+
+
+def _answer(
+    request: Request,
+    services: ServicesDep,
+    principal: Principal,
+    study_uid: str | None,
+    files: uploads.Payload,
+    refused: list[tuple[int, FileOutcome]],
+) -> Response:
+    settings = services.settings
     result = ingest.ingest(
         services.pool,
         services.store,
@@ -109,7 +144,7 @@ async def _store(
         arrival=("stow", request.query_params.get("complete", "").lower() in ("1", "true")),
     )
     for (_, data), outcome in zip(files, result.files, strict=True):
-        metrics.observe_upload("stow", outcome.outcome, len(data))
+        metrics.observe_upload("stow", outcome.outcome, uploads.size_of(data))
     outcomes = list(result.files)
     for index, outcome in refused:
         metrics.observe_upload("stow", outcome.outcome, 0)

@@ -157,3 +157,51 @@ def test_300mb_original_is_streamed_not_held(
     assert stored.read_bytes()[:4] == b"MTE2"  # sealed in segments, not whole
     stored.unlink()
     source.unlink()
+
+
+def _related(path: Path, boundary: str) -> Iterator[bytes]:
+    yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_WRITE_CHUNK):
+            yield chunk
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_300mb_stow_part_is_streamed_not_held(
+    api: dict[str, Any], make_key: Any, tmp_path: Path, database_url: str, storage_dir: Path
+) -> None:
+    source = tmp_path / "big.dcm"
+    sop_uid, size = _big_multiframe(source)
+    headers = {"Authorization": f"Bearer {make_key('uploader', tenant='tenant-mem')}"}
+    boundary = uuid.uuid4().hex
+    with httpx.Client(base_url=api["url"], headers=headers, timeout=UPLOAD_TIMEOUT_S) as client:
+        images, _ = load_samples()
+        warm = radiograph(images[1], study_uid=generate_uid(), size=64)
+        r = client.post("/v1/studies", content=warm, headers={"Content-Type": "application/dicom"})
+        assert r.status_code == 202, r.text
+        before = _peak_rss(api["pid"])
+        r = client.post(
+            "/dicomweb/studies",
+            content=_related(source, boundary),
+            headers={
+                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'
+            },
+        )
+        after = _peak_rss(api["pid"])
+    assert r.status_code == 200, r.text
+    rise = after - before
+    print(f"\npeak RSS before {before / 2**20:.0f} MiB, after {after / 2**20:.0f} MiB")
+    assert rise < PEAK_RISE_LIMIT, f"API peak memory rose by {rise / 2**20:.0f} MiB"
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT size_bytes, object_key FROM instances WHERE sop_uid = %s", (sop_uid,)
+        ).fetchone()
+        # Not for the session's worker: this study only measured the API.
+        conn.execute(
+            "DELETE FROM study_arrivals WHERE study_id ="
+            " (SELECT study_id FROM instances WHERE sop_uid = %s)",
+            (sop_uid,),
+        )
+    assert row is not None and row[0] == size
+    (storage_dir / row[1]).unlink()
+    source.unlink()

@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 from redis import Redis
 from rq import Queue
 
+from orchestrator import dicomweb
 from orchestrator.api import create_app
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import ApiSettings
@@ -368,3 +369,19 @@ def test_stow_past_the_queue_limit_is_503_and_stores_nothing(
     assert r.status_code == 503, r.text
     assert int(r.headers["Retry-After"]) > 0
     assert _count(database_url, study_uid) == 0
+
+
+@pytest.mark.parametrize("scan_bytes", [1, 2, 3, 7, 64, 1 << 20], ids=lambda n: f"scan-{n}")
+def test_boundaries_are_found_across_reads(
+    monkeypatch: pytest.MonkeyPatch, scan_bytes: int
+) -> None:
+    body = (
+        b"preamble\r\n--abc\r\nContent-Type: application/dicom\r\nContent-Location: a\r\n\r\n"
+        b"DATA1--ab\r\n--abc\r\n\r\nDATA2\r\n--abc--\r\nepilogue"
+    )
+    monkeypatch.setattr(dicomweb, "_SCAN_BYTES", scan_bytes)
+    parts = dicomweb.split_related(io.BytesIO(body), "abc")
+    assert [(h, body[s:e]) for h, s, e in parts] == [
+        ({"content-type": "application/dicom", "content-location": "a"}, b"DATA1--ab"),
+        ({}, b"DATA2"),
+    ]

@@ -157,7 +157,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
         if isinstance(exc, DependencyUnavailable) and headers is None:
             headers = {"Retry-After": "5"}
         if exc.http_status >= 500:
-            log.warning("%s %s -> %s", request.method, request.url.path, type(exc).__name__)
+            # The route's template, not the path: paths may carry a StudyInstanceUID.
+            template = getattr(request.scope.get("route"), "path", "unmatched")
+            log.warning("%s %s -> %s", request.method, template, type(exc).__name__)
         return JSONResponse(
             status_code=exc.http_status,
             content={"error": type(exc).__name__, "detail": exc.message},

@@ -24,6 +24,7 @@ from psycopg_pool import ConnectionPool
 
 from orchestrator.errors import BadRequest, MedtriageError, NotFound
 from orchestrator.reports import regenerate
+from orchestrator.security.outbound import DestinationRefused, OutboundPolicy
 from orchestrator.storage import ObjectStore
 
 # Deadline of one STOW-RS request (connect + upload + answer).
@@ -75,8 +76,19 @@ def targets(conn: Connection, tenant_id: UUID, name: str | None = None) -> list[
     return rows
 
 
-def stow(base_url: str, objects: list[bytes], *, timeout_s: float = STOW_TIMEOUT_S) -> list[str]:
-    """Store ``objects`` (Part 10 files) with STOW-RS; returns the stored SOP Instance UIDs."""
+def stow(
+    base_url: str,
+    objects: list[bytes],
+    *,
+    timeout_s: float = STOW_TIMEOUT_S,
+    outbound: OutboundPolicy | None = None,
+) -> list[str]:
+    """Store ``objects`` (Part 10 files) with STOW-RS; returns the stored SOP Instance UIDs.
+    The target is checked against ``outbound`` (default: public addresses only) first."""
+    try:
+        (outbound or OutboundPolicy()).check(base_url, what="PACS target")
+    except DestinationRefused as exc:
+        raise ExportFailed(f"STOW-RS to {base_url} refused: {exc.message}") from exc
     boundary = f"medtriage-{secrets.token_hex(12)}"
     body = (
         b"".join(
@@ -114,6 +126,7 @@ def export_report(
     *,
     target: str | None = None,
     revision: int | None = None,
+    outbound: OutboundPolicy | None = None,
 ) -> list[Export]:
     """Send the SR of ``revision`` (default: newest) to ``target`` (default: every target)."""
     with pool.connection() as conn:
@@ -125,7 +138,7 @@ def export_report(
     out = []
     for t in chosen:
         try:
-            stored = stow(t["stow_url"], [sr])
+            stored = stow(t["stow_url"], [sr], outbound=outbound)
             ok = sop_uid in stored
             detail = None if ok else f"the PACS did not list {sop_uid} as stored"
         except ExportFailed as exc:

@@ -64,6 +64,9 @@ class CommonSettings(BaseSettings):
     # S3 server-side encryption: "AES256" (SSE-S3) or "aws:kms" (SSE-KMS, with the key id below).
     s3_sse: str = "AES256"
     s3_kms_key_id: str = ""
+    # SSRF guard (orchestrator/security/outbound.py): webhook and PACS target URLs must be
+    # public addresses, except in these comma-separated CIDRs (e.g. the hospital's PACS net).
+    outbound_allow_networks: str = ""
 
     @property
     def queue_name(self) -> str:

@@ -37,6 +37,7 @@ from psycopg_pool import ConnectionPool
 from orchestrator import metrics
 from orchestrator.db import connect_pool
 from orchestrator.errors import BadRequest, NotFound
+from orchestrator.security.outbound import DestinationRefused, OutboundPolicy
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +253,15 @@ def claim_due(conn: Connection, limit: int) -> list[dict[str, Any]]:
         ).fetchall()
 
 
-def attempt(client: httpx.Client, delivery: dict[str, Any]) -> tuple[bool, int | None, str | None]:
-    """POST one delivery; (delivered, HTTP status, error). Any 2xx is delivered."""
+def attempt(
+    client: httpx.Client, delivery: dict[str, Any], outbound: OutboundPolicy | None = None
+) -> tuple[bool, int | None, str | None]:
+    """POST one delivery; (delivered, HTTP status, error). Any 2xx is delivered. The URL is
+    checked again first (its name may resolve elsewhere since it was registered)."""
+    try:
+        (outbound or OutboundPolicy()).check(delivery["url"], what="webhook url")
+    except DestinationRefused as exc:
+        return False, None, f"refused: {exc.message}"[:ERROR_SNIPPET_CHARS]
     body = body_of(delivery["id"], delivery["event"], delivery["payload"])
     headers = {
         "Content-Type": "application/json",
@@ -320,8 +328,15 @@ class Dispatcher(threading.Thread):
     """Posts due deliveries from a worker process, off the pipeline's thread, with its own
     small connection pool so a burst of deliveries never waits on (or starves) the pipeline."""
 
-    def __init__(self, database_url: str, *, concurrency: int = CONCURRENT_DELIVERIES):
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        concurrency: int = CONCURRENT_DELIVERIES,
+        outbound: OutboundPolicy | None = None,
+    ):
         super().__init__(name="medtriage-webhooks", daemon=True)
+        self.outbound = outbound or OutboundPolicy()
         self.pool: ConnectionPool = connect_pool(
             database_url, min_size=1, max_size=DISPATCHER_POOL_MAX
         )
@@ -333,7 +348,7 @@ class Dispatcher(threading.Thread):
 
     def _deliver(self, delivery: dict[str, Any]) -> None:
         if delivery["active"]:
-            delivered, status, error = attempt(self.client, delivery)
+            delivered, status, error = attempt(self.client, delivery, self.outbound)
         else:  # deleted since the event: nothing is sent; the delivery goes dead
             delivered, status, error = False, None, "endpoint deleted"
         try:

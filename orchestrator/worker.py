@@ -25,6 +25,7 @@ from orchestrator import queue as jobqueue
 from orchestrator.db import connect_pool, upgrade
 from orchestrator.inference import TritonInference
 from orchestrator.pipeline import WorkerContext, process_study
+from orchestrator.security.outbound import OutboundPolicy
 from orchestrator.settings import WorkerSettings
 from orchestrator.storage import open_store
 from orchestrator.triton.config import load_repository
@@ -126,7 +127,10 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
         metrics.register_endpoint(redis, settings.queue_prefix, name, host, port)
     background = reconcile.Background(_CONTEXT.pool, settings, name)
     background.start()
-    dispatcher = webhooks.Dispatcher(settings.database_url)
+    dispatcher = webhooks.Dispatcher(
+        settings.database_url,
+        outbound=OutboundPolicy.from_setting(settings.outbound_allow_networks),
+    )
     dispatcher.start()
     rq_redis = jobqueue.connect_worker(settings.redis_url)
     worker = _Worker(

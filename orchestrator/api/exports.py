@@ -15,6 +15,7 @@ from orchestrator.db import studies as db
 from orchestrator.db import translate_errors
 from orchestrator.db.keys import Principal
 from orchestrator.errors import NotFound
+from orchestrator.security.outbound import OutboundPolicy
 
 router = APIRouter(prefix="/v1", tags=["exports"])
 
@@ -41,10 +42,15 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _outbound(services: ServicesDep) -> OutboundPolicy:
+    return OutboundPolicy.from_setting(services.settings.outbound_allow_networks)
+
+
 @router.post("/pacs-targets", status_code=201)
 def add_target(
     request: Request, services: ServicesDep, principal: Admin, body: TargetCreate
 ) -> dict[str, Any]:
+    _outbound(services).check(body.stow_url, what="stow_url")
     with translate_errors(), services.pool.connection() as conn:
         row = pacs.add_target(conn, principal.tenant_id, body.name, body.stow_url)
     audit(
@@ -85,6 +91,7 @@ def export_report(
             study_id,
             target=body.target,
             revision=body.revision,
+            outbound=_outbound(services),
         )
     audit(
         request,

@@ -15,6 +15,7 @@ from orchestrator import webhooks
 from orchestrator.api.deps import ServicesDep, audit, require
 from orchestrator.db import translate_errors
 from orchestrator.db.keys import Principal
+from orchestrator.security.outbound import OutboundPolicy
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
@@ -50,6 +51,10 @@ def create(
 ) -> dict[str, Any]:
     """Register an endpoint. The answer holds the signing secret; it is never shown again."""
     policy = webhooks.Policy(body.max_attempts, body.backoff_s, body.timeout_s)
+    # SSRF: the URL must name a public address unless the deployment allows its network.
+    OutboundPolicy.from_setting(services.settings.outbound_allow_networks).check(
+        str(body.url), what="webhook url"
+    )
     with translate_errors(), services.pool.connection() as conn:
         row, secret = webhooks.create(
             conn, principal.tenant_id, str(body.url), list(body.events), policy

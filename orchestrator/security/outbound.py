@@ -1,0 +1,118 @@
+"""Where the platform may send requests that clients choose: webhooks and PACS targets (SSRF).
+
+A client-supplied URL must name a public address. Refused unless the deployment allows them
+(``MEDTRIAGE_OUTBOUND_ALLOW_NETWORKS``, comma-separated CIDRs, e.g. the hospital's PACS
+subnet): loopback, link-local (cloud metadata at 169.254.169.254 / fd00:ec2::254), private
+(RFC 1918, IPv6 ULA), shared (100.64.0.0/10), multicast, unspecified and reserved addresses,
+IPv4-mapped IPv6 forms of any of them included. The metadata addresses stay refused even
+under a broad allowance (0.0.0.0/0); only an entry for exactly that address opens them.
+
+A host name is resolved and every address it resolves to is checked, when the URL is
+registered and again before each request (a name can be re-pointed after registration).
+Redirects are never followed by the webhook or STOW-RS clients, so a public endpoint cannot
+bounce a request inward. What remains is the window between our resolution and the HTTP
+client's own (DNS rebinding with a zero TTL); closing it needs a connect-time check in the
+transport, which this module does not do.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from orchestrator.errors import BadRequest
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Resolver = Callable[[str, int], list[str]]
+
+ALLOW_SETTING = "MEDTRIAGE_OUTBOUND_ALLOW_NETWORKS"
+# Instance metadata services (AWS/GCP/Azure/OpenStack on IPv4; AWS on IPv6).
+METADATA = frozenset(
+    {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class DestinationRefused(BadRequest):
+    """A URL the platform will not call: not http(s), unresolvable, or not a public address."""
+
+
+def _getaddrinfo(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+def _address(text: str) -> IPAddress:
+    ip = ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone (fe80::1%eth0)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def forbidden(ip: IPAddress) -> str | None:
+    """Why ``ip`` is not a public destination, or None when it is."""
+    if ip in METADATA:
+        return "cloud metadata"
+    for reason, flag in (
+        ("unspecified", ip.is_unspecified),
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("multicast", ip.is_multicast),
+        ("private", ip.is_private),
+        ("reserved", ip.is_reserved),
+    ):
+        if flag:
+            return reason
+    return None if ip.is_global else "non-public"
+
+
+@dataclass(frozen=True)
+class OutboundPolicy:
+    """Public addresses only, plus the networks a deployment allows."""
+
+    allow: tuple[Network, ...] = ()
+    resolver: Resolver = field(default=_getaddrinfo, compare=False, repr=False)
+
+    @classmethod
+    def from_setting(cls, text: str) -> OutboundPolicy:
+        networks = []
+        for entry in (e.strip() for e in text.split(",")):
+            if not entry:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError as exc:
+                raise ValueError(f"{ALLOW_SETTING}: {entry!r} is not a CIDR network") from exc
+        return cls(tuple(networks))
+
+    def _allowed(self, ip: IPAddress) -> bool:
+        if ip in METADATA:
+            return any(net.num_addresses == 1 and ip in net for net in self.allow)
+        return any(ip in net for net in self.allow)
+
+    def check(self, url: str, *, what: str = "url") -> None:
+        """Raise DestinationRefused unless every address ``url``'s host resolves to may be
+        called. Resolution is blocking (it is meant for registration and for the webhook
+        dispatcher's own threads)."""
+        parts = urlsplit(url)
+        host = parts.hostname
+        if parts.scheme not in _DEFAULT_PORTS or not host:
+            raise DestinationRefused(f"{what} must be an absolute http(s) URL")
+        try:
+            port = parts.port or _DEFAULT_PORTS[parts.scheme]
+            addresses = {_address(a) for a in self.resolver(host, port)}
+        except (OSError, ValueError) as exc:  # socket.gaierror is an OSError
+            raise DestinationRefused(f"{what} host {host!r} does not resolve") from exc
+        if not addresses:
+            raise DestinationRefused(f"{what} host {host!r} does not resolve")
+        for ip in sorted(addresses, key=str):
+            reason = forbidden(ip)
+            if reason is not None and not self._allowed(ip):
+                raise DestinationRefused(
+                    f"{what} host {host!r} is {ip}, a {reason} address; only public addresses"
+                    f" are called unless {ALLOW_SETTING} lists the network"
+                )

@@ -20,12 +20,13 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from psycopg_pool import ConnectionPool
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from redis import Redis
 
@@ -96,6 +97,9 @@ class StoreSCP:
         return ae
 
     def start(self, host: str, port: int) -> Any:
+        # Each received dataset goes to a temporary file, not memory (process-wide setting;
+        # this process only receives): large instances are then streamed to the store.
+        _config.STORE_RECV_CHUNKED_DATASET = True
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._echo),
             (evt.EVT_C_STORE, self._store),
@@ -119,7 +123,7 @@ class StoreSCP:
         state = self._state(event)
         try:
             self.gate.check(self.redis, self.queue_name)
-            data = event.encoded_dataset(include_meta=True)
+            data = Path(event.dataset_path)
             name = f"c-store:{state.calling_ae}:{event.request.AffectedSOPInstanceUID}"
             outcome = ingest.ingest_file(
                 self.pool,
@@ -137,7 +141,7 @@ class StoreSCP:
         except Exception as exc:  # noqa: BLE001 - one bad instance must not end the association
             log.exception("C-STORE from %s failed", state.calling_ae)
             return _status(dicomweb.PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}")
-        metrics.observe_upload("dimse", outcome.outcome, len(data))
+        metrics.observe_upload("dimse", outcome.outcome, data.stat().st_size)
         state.counts[outcome.outcome] = state.counts.get(outcome.outcome, 0) + 1
         if outcome.study_id is not None:
             new = outcome.outcome == ingest.ACCEPTED
@@ -169,7 +173,7 @@ class StoreSCP:
                         study_id,
                         source="dimse",
                         instances=0,
-                        complete=self.release_completes and event.name == "EVT_RELEASED",
+                        complete=self.release_completes and event.event.name == "EVT_RELEASED",
                     )
             with translate_errors(), self.pool.connection() as conn:
                 record(
@@ -180,7 +184,7 @@ class StoreSCP:
                     resource_type="study",
                     resource_id=",".join(str(s) for s in state.studies) or None,
                     outcome="ok" if state.counts.get(ingest.ACCEPTED) else "rejected",
-                    detail={"counts": state.counts, "released": event.name == "EVT_RELEASED"},
+                    detail={"counts": state.counts, "released": event.event.name == "EVT_RELEASED"},
                 )
         except Exception:  # noqa: BLE001 - logged; the stored instances stay and can be requeued
             log.exception("queueing after the association from %s failed", state.calling_ae)

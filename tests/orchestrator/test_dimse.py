@@ -39,6 +39,8 @@ START_TIMEOUT_S = 30.0
 TOOL_TIMEOUT_S = 60
 TERMINAL = {"done", "failed", "needs_review"}
 WAIT_S = 120.0
+# The receiver's default stable age (MEDTRIAGE_INGEST_STABLE_AGE_S).
+STABLE_AGE_S = 60.0
 
 
 def _dcmtk(tool: str) -> str:
@@ -53,27 +55,36 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def scp(stack: Any, settings_env: dict[str, str]) -> Iterator[int]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "dimse", "--port", str(port)],
-        env={
-            **os.environ,
-            **settings_env,
-            "MEDTRIAGE_DIMSE_AE_TITLE": AE_TITLE,
-            "MEDTRIAGE_DIMSE_TENANT": TENANT,
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "listening" in line, line + (proc.stdout.read() if proc.poll() is not None else "")
-    yield port
+def _start(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """``medtriage dimse`` with its output in a file (a pipe nobody drains could fill up)."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "dimse", "--port", str(port)],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while "listening" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     proc.wait(timeout=START_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def scp(
+    stack: Any, settings_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[int]:
+    port = _free_port()
+    env = {**settings_env, "MEDTRIAGE_DIMSE_AE_TITLE": AE_TITLE, "MEDTRIAGE_DIMSE_TENANT": TENANT}
+    proc = _start(env, port, tmp_path_factory.mktemp("dimse") / "scp.log")
+    yield port
+    _stop(proc)
 
 
 def _instance(i: int, study_uid: str, series_uid: str) -> bytes:
@@ -129,6 +140,7 @@ def test_storescu_sends_a_study_incl_rle_and_it_is_processed(
         assert result.returncode == 0, result.stdout + result.stderr
         responses += result.stderr
     assert responses.count("Received Store Response (Success)") == 4, responses
+    sent = time.monotonic()
     assert _count(database_url, study_uid) == 4
     with psycopg.connect(database_url) as conn:
         syntaxes = {
@@ -153,6 +165,14 @@ def test_storescu_sends_a_study_incl_rle_and_it_is_processed(
                 break
             time.sleep(0.3)
     assert body["status"] in {"done", "needs_review"}, body
+    # Queued on release, not after the 60 s stable age.
+    assert time.monotonic() < sent + STABLE_AGE_S
+    with psycopg.connect(database_url) as conn:
+        audits = conn.execute(
+            "SELECT detail FROM audit_log WHERE action = 'study.dimse' AND resource_id = %s",
+            (str(row[0]),),
+        ).fetchall()
+    assert len(audits) == 2 and all(a[0]["released"] for a in audits)
     assert all(i["status"] == "done" for i in body["instances"]), [
         (i["status"], i["error"]) for i in body["instances"]
     ]
@@ -186,19 +206,15 @@ def test_pynetdicom_scu_statuses(scp: int, database_url: str) -> None:
 
 
 def test_unknown_calling_ae_is_rejected_when_a_list_is_set(
-    stack: Any, settings_env: dict[str, str]
+    stack: Any, settings_env: dict[str, str], tmp_path: Path
 ) -> None:
     port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "dimse", "--port", str(port)],
-        env={**os.environ, **settings_env, "MEDTRIAGE_DIMSE_CALLING_AETS": "MODALITY1, PACS"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = _start(
+        {**settings_env, "MEDTRIAGE_DIMSE_CALLING_AETS": "MODALITY1, PACS"},
+        port,
+        tmp_path / "scp.log",
     )
     try:
-        assert proc.stdout is not None
-        assert "listening" in proc.stdout.readline()
         refused = subprocess.run(
             [_dcmtk("echoscu"), "-aet", "STRANGER", "127.0.0.1", str(port)],
             capture_output=True,
@@ -212,15 +228,14 @@ def test_unknown_calling_ae_is_rejected_when_a_list_is_set(
             timeout=TOOL_TIMEOUT_S,
         )
     finally:
-        proc.terminate()
-        proc.wait(timeout=START_TIMEOUT_S)
+        _stop(proc)
     assert refused.returncode != 0
     assert "Rejected" in refused.stderr or "rejected" in refused.stderr.lower(), refused.stderr
     assert allowed.returncode == 0, allowed.stderr
 
 
 def test_c_store_past_the_queue_limit_is_a700_and_stores_nothing(
-    stack: Any, settings_env: dict[str, str], database_url: str
+    stack: Any, settings_env: dict[str, str], database_url: str, tmp_path: Path
 ) -> None:
     prefix = f"dimse-bp-{uuid.uuid4().hex[:8]}"
     queue = Queue(
@@ -228,24 +243,16 @@ def test_c_store_past_the_queue_limit_is_a700_and_stores_nothing(
     )
     queue.enqueue("builtins.print", "waiting")  # no worker reads this queue
     port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "dimse", "--port", str(port)],
-        env={
-            **os.environ,
-            **settings_env,
-            "MEDTRIAGE_QUEUE_PREFIX": prefix,
-            "MEDTRIAGE_MAX_QUEUE_DEPTH": "1",
-            "MEDTRIAGE_DIMSE_TENANT": TENANT,
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    env = {
+        **settings_env,
+        "MEDTRIAGE_QUEUE_PREFIX": prefix,
+        "MEDTRIAGE_MAX_QUEUE_DEPTH": "1",
+        "MEDTRIAGE_DIMSE_TENANT": TENANT,
+    }
+    proc = _start(env, port, tmp_path / "scp.log")
     study_uid = generate_uid()
     ds = dcmread(io.BytesIO(_instance(7, study_uid, generate_uid())))
     try:
-        assert proc.stdout is not None
-        assert "listening" in proc.stdout.readline()
         ae = AE(ae_title="PYNETDICOM")
         ae.add_requested_context(ComputedRadiographyImageStorage, ds.file_meta.TransferSyntaxUID)
         assoc = ae.associate("127.0.0.1", port, ae_title=AE_TITLE)
@@ -255,9 +262,33 @@ def test_c_store_past_the_queue_limit_is_a700_and_stores_nothing(
         finally:
             assoc.release()
     finally:
-        proc.terminate()
-        proc.wait(timeout=START_TIMEOUT_S)
+        _stop(proc)
         queue.delete(delete_jobs=True)
     assert int(status.Status) == 0xA700
     assert "retry" in str(status.ErrorComment)
     assert _count(database_url, study_uid) == 0
+
+
+def test_storescu_large_multiframe_is_received_to_disk_and_streamed(
+    scp: int, tmp_path: Path, database_url: str
+) -> None:
+    frames = 10  # 1024 x 1024 x 10 x 2 bytes = 20 MiB, over the 16 MiB streaming threshold
+    ds = dcmread(io.BytesIO(_instance(8, generate_uid(), generate_uid())))
+    ds.Rows = ds.Columns = 1024
+    ds.NumberOfFrames = frames
+    ds.PixelData = bytes(range(256)) * (1024 * 1024 * frames * 2 // 256)
+    path = tmp_path / "big.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    result = subprocess.run(
+        [_dcmtk("storescu"), "-v", "-aec", AE_TITLE, "127.0.0.1", str(scp), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_S,
+    )
+    assert "Received Store Response (Success)" in result.stderr, result.stderr
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT frames, size_bytes FROM instances WHERE sop_uid = %s", (ds.SOPInstanceUID,)
+        ).fetchone()
+    assert row is not None
+    assert row[0] == frames and row[1] > 1024 * 1024 * frames * 2

@@ -181,21 +181,26 @@ class _Run:
                 self.summary.duplicate += 1
                 metrics.observe_upload("import", ingest.DUPLICATE, 0)
                 return
-            if data is None:
-                data = source.read()
+            # Files on disk go as paths: large ones are streamed, never read whole.
+            content: bytes | Path = source.path if source.path is not None else data or b""
+            size = len(content) if isinstance(content, bytes) else content.stat().st_size
         except (OSError, zipfile.BadZipFile, EOFError) as exc:
             self._reject(source.name, f"unreadable ({exc})")
             return
-        outcome = ingest.ingest_file(
-            self.pool,
-            self.store,
-            self.principal,
-            source.name,
-            data,
-            max_pixels=self.max_pixels,
-            priority=self.priority,
-        )
-        metrics.observe_upload("import", outcome.outcome, len(data))
+        try:
+            outcome = ingest.ingest_file(
+                self.pool,
+                self.store,
+                self.principal,
+                source.name,
+                content,
+                max_pixels=self.max_pixels,
+                priority=self.priority,
+            )
+        except OSError as exc:  # the file went away or became unreadable meanwhile
+            self._reject(source.name, f"unreadable ({exc})")
+            return
+        metrics.observe_upload("import", outcome.outcome, size)
         if outcome.outcome == ingest.REJECTED:
             self.summary.rejected.append((source.name, outcome.reason or "rejected"))
             return

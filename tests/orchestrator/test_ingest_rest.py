@@ -286,3 +286,39 @@ def test_truncated_original_is_refused_at_upload(
     assert r.status_code == 422, r.text
     assert "truncated" in r.json()["detail"]
     assert _objects(storage_dir) == objects
+
+
+def test_bodies_over_the_limit_are_413_with_or_without_content_length(
+    auth: dict[str, str], settings_env: dict[str, str], storage_dir: Path
+) -> None:
+    fields = {k.removeprefix("MEDTRIAGE_").lower(): v for k, v in settings_env.items()}
+    limit = 4096
+    (data,) = _instances(generate_uid(), 1)
+    assert len(data) > limit
+    objects = _objects(storage_dir)
+    boundary = "b0undary"
+    related = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    with TestClient(create_app(ApiSettings(**fields, max_upload_bytes=limit))) as small:
+        for path, ctype, body in (
+            ("/v1/studies", "application/dicom", data),
+            ("/v1/studies", "application/zip", _zip({"a.dcm": data})),
+            (
+                "/dicomweb/studies",
+                f'multipart/related; type="application/dicom"; boundary={boundary}',
+                related,
+            ),
+        ):
+            declared = small.post(path, content=body, headers={**auth, "Content-Type": ctype})
+            chunked = small.post(
+                path,
+                content=iter([body[:1000], body[1000:]]),  # no Content-Length
+                headers={**auth, "Content-Type": ctype},
+            )
+            for r in (declared, chunked):
+                assert r.status_code == 413, (path, r.text)
+                assert "limit" in r.json()["detail"]
+    assert _objects(storage_dir) == objects

@@ -16,7 +16,8 @@ Tree::
     │   └── ObjectNotFound              (404)
     └── InferenceError                  (502)
         ├── ModelUnavailable            (503)   model/version not loaded or server down
-        └── InferenceTimeout            (504)
+        ├── InferenceTimeout            (504)
+        └── InvalidOutput               (502)   outputs of the wrong shape/dtype, NaN/inf
 
 Third-party errors are translated once, at the adapter that calls the library, with
 ``raise ... from exc``. One FastAPI handler maps the root class to a JSON answer.
@@ -100,3 +101,7 @@ class ModelUnavailable(InferenceError):
 
 class InferenceTimeout(InferenceError):
     http_status = 504
+
+
+class InvalidOutput(InferenceError):
+    """A response that does not match the model's config.pbtxt, or holds NaN/infinity."""

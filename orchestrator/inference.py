@@ -8,6 +8,7 @@ errors are translated here, once, into ModelUnavailable / InferenceTimeout / Inf
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -18,6 +19,21 @@ from orchestrator.triton.config import ModelSpec
 # Triton's priority for STAT studies (1 = highest); 0 means "the model's default level".
 PRIORITY_STAT = 1
 PRIORITY_DEFAULT = 0
+# config.pbtxt data types (without TYPE_) and the numpy dtype a response must carry.
+NUMPY_DTYPES: dict[str, type[np.generic]] = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
 
 
 class InferenceClient(Protocol):
@@ -32,6 +48,50 @@ class InferenceClient(Protocol):
     ) -> dict[str, np.ndarray]: ...
 
     def is_ready(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """Whether a response may be used: a problem of the whole batch (nothing in it can be
+    trusted), or per row (that instance's outputs only)."""
+
+    batch_problem: str | None = None
+    row_problems: dict[int, str] = field(default_factory=dict)
+
+    def problem(self, row: int) -> str | None:
+        return self.batch_problem or self.row_problems.get(row)
+
+
+def check_outputs(spec: ModelSpec, batch: int, outputs: Mapping[str, np.ndarray]) -> OutputCheck:
+    """Check a response against the model's config (shape with the batch dimension, dtype)
+    and every floating value for NaN/infinity, before anything is built from it."""
+    for tensor in spec.outputs:
+        array = outputs.get(tensor.name)
+        expected = (batch, *tensor.dims)
+        if array is None:
+            return OutputCheck(f"output {tensor.name!r} is missing")
+        shape = tuple(array.shape)
+        if (
+            array.size == 0
+            or len(shape) != len(expected)
+            or any(want not in (-1, got) for want, got in zip(expected, shape, strict=True))
+        ):
+            return OutputCheck(f"output {tensor.name!r} has shape {shape}, expected {expected}")
+        dtype = NUMPY_DTYPES.get(tensor.datatype)
+        if dtype is not None and array.dtype != dtype:
+            return OutputCheck(
+                f"output {tensor.name!r} is {array.dtype}, expected {np.dtype(dtype)}"
+                f" ({tensor.datatype})"
+            )
+    rows: dict[int, str] = {}
+    for tensor in spec.outputs:
+        array = outputs[tensor.name]
+        if array.dtype.kind != "f":
+            continue
+        finite = np.isfinite(array.reshape(batch, -1)).all(axis=1)
+        for row in np.flatnonzero(~finite):
+            rows.setdefault(int(row), f"output {tensor.name!r} holds NaN or infinity")
+    return OutputCheck(None, rows)
 
 
 def _translate(exc: Exception, model: str, version: int) -> InferenceError:
@@ -85,21 +145,13 @@ class TritonInference:
             )
         except InferenceServerException as exc:
             raise _translate(exc, spec.name, version) from exc
+        # Returned as received: the pipeline checks every response (check_outputs), whichever
+        # client produced it, and fails only the instances whose outputs are unusable.
         result: dict[str, np.ndarray] = {}
-        batch = next(iter(inputs.values())).shape[0]
         for tensor in spec.outputs:
             array = response.as_numpy(tensor.name)
-            # Guard against the python-backend stub's silent failure mode (empty tensors).
-            if array is None or array.size == 0 or array.shape != (batch, *tensor.dims):
-                got = None if array is None else array.shape
-                raise InferenceError(
-                    spec.name,
-                    version,
-                    f"output {tensor.name!r} has shape {got}, expected {(batch, *tensor.dims)}",
-                )
-            if not np.all(np.isfinite(array)):
-                raise InferenceError(spec.name, version, f"output {tensor.name!r} is not finite")
-            result[tensor.name] = array
+            if array is not None:
+                result[tensor.name] = array
         return result
 
     def is_ready(self) -> bool:

@@ -53,7 +53,7 @@ STUDY_OUTCOMES = ("done", "needs_review", "failed")
 IMAGE_OUTCOMES = ("done", "failed")
 UPLOAD_OUTCOMES = ("accepted", "duplicate", "rejected")
 INGEST_PATHS = ("rest", "stow", "dimse", "import")
-INFERENCE_ERRORS = ("unavailable", "timeout", "error")
+INFERENCE_ERRORS = ("unavailable", "timeout", "invalid_output", "error")
 WEBHOOK_OUTCOMES = ("delivered", "retry", "dead")
 REVIEW_FIGURES = ("accuracy", "sensitivity", "specificity")
 LABEL_VALUES: dict[str, tuple[str, ...]] = {
@@ -191,13 +191,15 @@ def observe_inference(model: str, version: int, arm: str, seconds: float, batch:
 
 
 def inference_error(model: str, version: int, arm: str, exc: Exception) -> None:
-    from orchestrator.errors import InferenceTimeout, ModelUnavailable
+    from orchestrator.errors import InferenceTimeout, InvalidOutput, ModelUnavailable
 
     kind = (
         "unavailable"
         if isinstance(exc, ModelUnavailable)
         else "timeout"
         if isinstance(exc, InferenceTimeout)
+        else "invalid_output"
+        if isinstance(exc, InvalidOutput)
         else "error"
     )
     INFERENCE_ERRORS_TOTAL.labels(model, str(version), arm, kind).inc()

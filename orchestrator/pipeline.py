@@ -33,9 +33,15 @@ from orchestrator import (
 from orchestrator.db import claims
 from orchestrator.db import studies as db
 from orchestrator.db.studies import StudyStatus
-from orchestrator.errors import InferenceError, ModelUnavailable
+from orchestrator.errors import InferenceError, InvalidOutput, ModelUnavailable
 from orchestrator.events import EventPublisher
-from orchestrator.inference import PRIORITY_DEFAULT, PRIORITY_STAT, InferenceClient, batches
+from orchestrator.inference import (
+    PRIORITY_DEFAULT,
+    PRIORITY_STAT,
+    InferenceClient,
+    batches,
+    check_outputs,
+)
 from orchestrator.security.crypto import ObjectTampered, verify_sha256
 from orchestrator.settings import WorkerSettings
 from orchestrator.storage import ObjectStore, preview_key, report_key
@@ -168,11 +174,13 @@ def _run_model(
     prepared: list[_Prepared],
     clock: _Clock,
     describe: Callable[[ModelSpec, dict[str, np.ndarray], int], tuple[str, float, list[Any]]],
-) -> dict[UUID, tuple[str, float]]:
+) -> dict[UUID, str]:
     """Run every prepared image through the study's live version (and shadows); store results.
 
     A live version that Triton no longer serves fails over to the remaining live arms (the
     event is recorded); a failing shadow is logged and skipped, never failing the study.
+    Every response is checked first (inference.check_outputs); returns the instances whose
+    live outputs are unusable, with the reason. Nothing is stored for them.
     """
     from orchestrator import rollout
 
@@ -204,14 +212,25 @@ def _run_model(
         except InferenceError as exc:
             metrics.inference_error(model, version, "shadow", exc)
             log.warning("shadow %s v%s failed: %s", model, version, type(exc).__name__)
-    live: dict[UUID, tuple[str, float]] = {}
+    invalid: dict[UUID, str] = {}
     for arm, version, chunks in runs:
         for chunk, outputs, elapsed_ms in chunks:
             metrics.observe_inference(model, version, arm, elapsed_ms / 1e3, len(chunk))
             if arm == "live":
                 clock.timings[model] = clock.timings.get(model, 0.0) + elapsed_ms
+            check = check_outputs(spec, len(chunk), outputs)
+            if check.batch_problem or check.row_problems:
+                first = check.batch_problem or next(iter(check.row_problems.values()))
+                metrics.inference_error(model, version, arm, InvalidOutput(model, version, first))
+                log.warning("%s v%s (%s) returned unusable outputs: %s", model, version, arm, first)
             with ctx.pool.connection() as conn:
                 for i, item in enumerate(chunk):
+                    problem = check.problem(i)
+                    if problem is not None:
+                        if arm == "live":
+                            reason = f"invalid_output: {model} v{version}: {problem}"
+                            invalid[item.instance_id] = reason
+                        continue
                     label, confidence, found = describe(spec, outputs, i)
                     metrics.observe_prediction(model, version, arm, label, confidence)
                     db.insert_result(
@@ -227,9 +246,22 @@ def _run_model(
                         findings=found,
                         latency_ms=elapsed_ms / len(chunk),
                     )
-                    if arm == "live":
-                        live[item.instance_id] = (label, confidence)
-    return live
+    return invalid
+
+
+def _drop_invalid(
+    ctx: WorkerContext,
+    prepared: list[_Prepared],
+    failed: dict[UUID, str],
+    invalid: dict[UUID, str],
+) -> list[_Prepared]:
+    """Fail the instances whose model outputs are unusable; the rest go on."""
+    if invalid:
+        with ctx.pool.connection() as conn:
+            for instance_id, reason in invalid.items():
+                db.finish_instance(conn, instance_id, status="failed", error=reason)
+        failed.update(invalid)
+    return [p for p in prepared if p.instance_id not in invalid]
 
 
 def _describe_triage(
@@ -346,17 +378,26 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
         with ctx.pool.connection() as conn:
             for instance_id, reason in failed.items():
                 db.finish_instance(conn, instance_id, status="failed", error=reason)
+        preprocessed = bool(prepared)
         if prepared:
-            _run_model(ctx, TRIAGE_MODEL, study, prepared, clock, _describe_triage)
+            invalid = _run_model(ctx, TRIAGE_MODEL, study, prepared, clock, _describe_triage)
+            prepared = _drop_invalid(ctx, prepared, failed, invalid)
             events.publish(ctx.events, study, "triage")
-            _run_model(ctx, ANALYSIS_MODEL, study, prepared, clock, _describe_analysis)
+        if prepared:
+            invalid = _run_model(ctx, ANALYSIS_MODEL, study, prepared, clock, _describe_analysis)
+            prepared = _drop_invalid(ctx, prepared, failed, invalid)
             events.publish(ctx.events, study, "analysis")
         with ctx.pool.connection() as conn:
             for p in prepared:
                 db.finish_instance(conn, p.instance_id, status="done", warnings=list(p.warnings))
         error: str | None
         if not prepared:
-            final, error = StudyStatus.FAILED, "no instance could be preprocessed"
+            final = StudyStatus.FAILED
+            error = (
+                "no instance has usable model outputs"
+                if preprocessed
+                else "no instance could be preprocessed"
+            )
         else:
             decision = _gate(ctx, study, failed, prepared)
             reasons = decision.reasons

@@ -10,15 +10,21 @@ files, it is not an instance). Anything else that cannot be read is reported per
 from __future__ import annotations
 
 import io
+import uuid
 import zipfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from orchestrator.errors import BadRequest, PayloadTooLarge
 
 # Members beyond this many are refused as a whole (a study of 10k slices still fits).
 DEFAULT_MAX_MEMBERS = 20_000
+# Members inflating to more than this go to a file (when the caller gives a folder).
+TO_DISK_ABOVE_BYTES = 16 * 1024 * 1024
 # Read members in chunks of this size so the running total is checked while inflating.
 _CHUNK = 1 << 20
 LITTER_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
@@ -28,7 +34,7 @@ EMPTY_ZIP_MAGIC = b"PK\x05\x06"
 
 @dataclass
 class Unpacked:
-    files: list[tuple[str, bytes]] = field(default_factory=list)
+    files: list[tuple[str, bytes | Path]] = field(default_factory=list)
     # (member name, reason) for members that could not be read.
     rejected: list[tuple[str, str]] = field(default_factory=list)
 
@@ -45,16 +51,19 @@ def skipped(info: zipfile.ZipInfo) -> bool:
 
 
 def unpack(
-    data: bytes,
+    data: bytes | Path,
     *,
     name: str = "upload.zip",
     max_bytes: int,
     max_members: int = DEFAULT_MAX_MEMBERS,
+    spool: Path | None = None,
 ) -> Unpacked:
-    """The DICOM candidates in a zip. Raises BadRequest for a corrupt archive and
-    PayloadTooLarge when the members together inflate beyond ``max_bytes``."""
+    """The DICOM candidates in a zip (in memory or a file). Members larger than
+    TO_DISK_ABOVE_BYTES are inflated into files under ``spool`` when given. Raises BadRequest
+    for a corrupt archive and PayloadTooLarge when the members together inflate beyond
+    ``max_bytes``."""
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
         raise BadRequest(f"{name}: not a readable zip archive ({exc})") from exc
     out = Unpacked()
@@ -77,9 +86,11 @@ def unpack(
             if info.flag_bits & 0x1:
                 out.rejected.append((label, "encrypted zip member; send it unencrypted"))
                 continue
+            to_disk = spool is not None and info.file_size > TO_DISK_ABOVE_BYTES
+            target = spool / f"member-{uuid.uuid4().hex}" if spool is not None else None
             try:
                 buf = bytearray()
-                with archive.open(info) as fh:
+                with archive.open(info) as fh, _sink(target if to_disk else None) as sink:
                     # Declared sizes can lie: count what actually inflates.
                     while chunk := fh.read(_CHUNK):
                         total += len(chunk)
@@ -87,11 +98,26 @@ def unpack(
                             raise PayloadTooLarge(
                                 f"{name}: members inflate beyond the {max_bytes}-byte limit"
                             )
-                        buf += chunk
+                        if sink is None:
+                            buf += chunk
+                        else:
+                            sink.write(chunk)
             except PayloadTooLarge:
                 raise
             except (zipfile.BadZipFile, zlib.error, NotImplementedError, OSError, EOFError) as exc:
                 out.rejected.append((label, f"unreadable zip member ({exc})"))
                 continue
-            out.files.append((label, bytes(buf)))
+            if to_disk and target is not None:
+                out.files.append((label, target))
+            else:
+                out.files.append((label, bytes(buf)))
     return out
+
+
+@contextmanager
+def _sink(path: Path | None) -> Iterator[BinaryIO | None]:
+    if path is None:
+        yield None
+        return
+    with path.open("wb") as fh:
+        yield fh

@@ -61,16 +61,6 @@ def media_type(request: Request) -> tuple[str, dict[str, str]]:
     return essence.strip().lower(), params
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it passes ``limit`` (chunked bodies too)."""
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
-    return bytes(buf)
-
-
 async def spool_body(request: Request, limit: int, path: Path) -> int:
     """Copy the body to ``path`` as it arrives; 413 as soon as it passes ``limit``."""
     size = 0
@@ -107,7 +97,9 @@ def _filename(request: Request, default: str) -> str:
     return match.group(1) if match else default
 
 
-def expand_zips(files: Payload, *, max_bytes: int) -> tuple[Payload, list[FileOutcome]]:
+def expand_zips(
+    files: Payload, *, max_bytes: int, spool: Path | None = None
+) -> tuple[Payload, list[FileOutcome]]:
     """Replace zip files by their members; unreadable members become rejected outcomes."""
     out: Payload = []
     rejected: list[FileOutcome] = []
@@ -115,9 +107,7 @@ def expand_zips(files: Payload, *, max_bytes: int) -> tuple[Payload, list[FileOu
         if not archive.is_zip(_head(data)):
             out.append((name, data))
             continue
-        # Zips are opened in memory (within the upload limit): their members are small.
-        raw = data if isinstance(data, bytes) else data.read_bytes()
-        unpacked = archive.unpack(raw, name=name, max_bytes=max_bytes)
+        unpacked = archive.unpack(data, name=name, max_bytes=max_bytes, spool=spool)
         out.extend(unpacked.files)
         rejected.extend(
             FileOutcome(member, REJECTED, reason, "archive") for member, reason in unpacked.rejected
@@ -146,16 +136,17 @@ async def rest_payload(
             raise BadRequest("empty application/dicom body: send one DICOM Part 10 file")
         payload.append((_filename(request, "body.dcm"), path))
     elif essence in ZIP_TYPES:
-        data = await read_body(request, max_bytes)
-        payload.append((_filename(request, "upload.zip"), data))
-        if not archive.is_zip(data):
+        path = spool / "body.zip"
+        await spool_body(request, max_bytes, path)
+        payload.append((_filename(request, "upload.zip"), path))
+        if not archive.is_zip(_head(path)):
             raise BadRequest(f"body sent as {essence} is not a zip archive")
     else:
         raise UnsupportedMediaType(
             f"Content-Type {essence or '(none)'!r} is not accepted here: send "
             "multipart/form-data (fields 'files'), application/zip or application/dicom"
         )
-    return expand_zips(payload, max_bytes=max_bytes)
+    return expand_zips(payload, max_bytes=max_bytes, spool=spool)
 
 
 def digest(payload: Payload, *extra: str | None) -> str:

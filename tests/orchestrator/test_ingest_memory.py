@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,35 @@ def test_300mb_stow_part_is_streamed_not_held(
     assert row is not None and row[0] == size
     (storage_dir / row[1]).unlink()
     source.unlink()
+
+
+def test_300mb_zip_member_is_inflated_to_disk_not_memory(
+    api: dict[str, Any], make_key: Any, tmp_path: Path, database_url: str, storage_dir: Path
+) -> None:
+    source = tmp_path / "big.dcm"
+    sop_uid, size = _big_multiframe(source)
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        zf.write(source, "STUDY/IM1")
+    source.unlink()
+    headers = {"Authorization": f"Bearer {make_key('uploader', tenant='tenant-mem')}"}
+    with httpx.Client(base_url=api["url"], headers=headers, timeout=UPLOAD_TIMEOUT_S) as client:
+        images, _ = load_samples()
+        warm = radiograph(images[2], study_uid=generate_uid(), size=64)
+        r = client.post("/v1/studies", content=warm, headers={"Content-Type": "application/dicom"})
+        assert r.status_code == 202, r.text
+        before = _peak_rss(api["pid"])
+        with archive.open("rb") as fh:
+            r = client.post("/v1/studies", content=fh, headers={"Content-Type": "application/zip"})
+        after = _peak_rss(api["pid"])
+    assert r.status_code == 202, r.text
+    assert [f["outcome"] for f in r.json()["files"]] == ["accepted"]
+    rise = after - before
+    print(f"\npeak RSS before {before / 2**20:.0f} MiB, after {after / 2**20:.0f} MiB")
+    assert rise < PEAK_RISE_LIMIT, f"API peak memory rose by {rise / 2**20:.0f} MiB"
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT size_bytes, object_key FROM instances WHERE sop_uid = %s", (sop_uid,)
+        ).fetchone()
+    assert row is not None and row[0] == size
+    (storage_dir / row[1]).unlink()

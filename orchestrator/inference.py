@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from orchestrator.errors import InferenceError, InferenceTimeout, ModelUnavailable
+from orchestrator.security.tls import GrpcTls
 from orchestrator.triton.config import ModelSpec
 
 # Triton's priority for STAT studies (1 = highest); 0 means "the model's default level".
@@ -109,12 +110,14 @@ def _translate(exc: Exception, model: str, version: int) -> InferenceError:
 class TritonInference:
     """tritonclient.grpc behind the InferenceClient protocol."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, tls: GrpcTls | None = None) -> None:
         import tritonclient.grpc as grpcclient
 
         self._grpc = grpcclient
         self.url = url
-        self._client = grpcclient.InferenceServerClient(url=url)
+        self._client = grpcclient.InferenceServerClient(
+            url=url, **(tls or GrpcTls()).client_kwargs()
+        )
 
     def infer(
         self,

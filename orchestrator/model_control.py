@@ -11,13 +11,16 @@ import json
 from typing import Any
 
 from orchestrator.errors import ModelUnavailable
+from orchestrator.security.tls import GrpcTls
 
 
 class TritonControl:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, tls: GrpcTls | None = None) -> None:
         import tritonclient.grpc as grpcclient
 
-        self._client = grpcclient.InferenceServerClient(url=url)
+        self._client = grpcclient.InferenceServerClient(
+            url=url, **(tls or GrpcTls()).client_kwargs()
+        )
 
     def _call(self, model: str, fn: str, *args: Any, **kwargs: Any) -> Any:
         from tritonclient.utils import InferenceServerException

@@ -14,6 +14,7 @@ from orchestrator import gate, review, rollout, routing
 from orchestrator.db import upgrade
 from orchestrator.errors import MedtriageError
 from orchestrator.model_control import TritonControl
+from orchestrator.security.tls import GrpcTls
 from orchestrator.settings import CliSettings
 from orchestrator.triton.config import load_repository
 
@@ -59,7 +60,7 @@ def list_models(
 
 def run(args: argparse.Namespace, settings: CliSettings) -> int:
     upgrade(settings.database_url)
-    control = TritonControl(settings.triton_grpc_url)
+    control = TritonControl(settings.triton_grpc_url, tls=GrpcTls.from_settings(settings))
     try:
         with psycopg.connect(settings.database_url) as conn:
             return _dispatch(args, settings, conn, control)

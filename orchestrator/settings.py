@@ -33,6 +33,12 @@ class CommonSettings(BaseSettings):
     s3_region: str = "us-east-1"
     triton_grpc_url: str = DEFAULT_TRITON_GRPC_URL
     triton_http_url: str = "http://127.0.0.1:8000"
+    # TLS to Triton's gRPC endpoint: on = verify it with this CA file (empty: the system's
+    # roots); a client certificate and key as well for mutual TLS. (security/tls.py)
+    triton_grpc_tls: bool = False
+    triton_grpc_ca_file: str = ""
+    triton_grpc_cert_file: str = ""
+    triton_grpc_key_file: str = ""
     model_repository: Path = REPO_ROOT / "model_repository"
     home: Path = REPO_ROOT / ".medtriage"
     # Queue names are prefixed so several stacks (tests, demo) can share one Redis.

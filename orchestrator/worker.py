@@ -26,6 +26,7 @@ from orchestrator.db import connect_pool, upgrade
 from orchestrator.inference import TritonInference
 from orchestrator.pipeline import WorkerContext, process_study
 from orchestrator.security.outbound import OutboundPolicy
+from orchestrator.security.tls import GrpcTls
 from orchestrator.settings import WorkerSettings
 from orchestrator.storage import open_store
 from orchestrator.triton.config import load_repository
@@ -80,7 +81,7 @@ class _Worker(SimpleWorker):
 
 def build_context(settings: WorkerSettings, name: str) -> WorkerContext:
     models = load_repository(settings.model_repository)
-    inference = TritonInference(settings.triton_grpc_url)
+    inference = TritonInference(settings.triton_grpc_url, tls=GrpcTls.from_settings(settings))
     deadline = time.monotonic() + TRITON_READY_TIMEOUT_S
     while not inference.is_ready():
         if time.monotonic() > deadline:

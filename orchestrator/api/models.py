@@ -14,6 +14,7 @@ from orchestrator.db import translate_errors
 from orchestrator.db.keys import Principal
 from orchestrator.errors import NotFound
 from orchestrator.model_control import TritonControl
+from orchestrator.security.tls import GrpcTls
 from orchestrator.triton.config import load_repository
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -39,7 +40,8 @@ class PromoteRequest(BaseModel):
 
 
 def _control(services: ServicesDep) -> TritonControl:
-    return TritonControl(services.settings.triton_grpc_url)
+    settings = services.settings
+    return TritonControl(settings.triton_grpc_url, tls=GrpcTls.from_settings(settings))
 
 
 def _routes(routes: list[routing.Route]) -> list[dict[str, Any]]:

@@ -380,17 +380,24 @@ def _files(root: Path) -> Iterable[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
+def _layout(output: Path, ds: Dataset, index: int) -> Path:
+    """``<study>/<series>/<instance>.dcm`` from the replaced UIDs: input file and folder
+    names are often patient names or accession numbers, so none of them is carried over."""
+    parts = [str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "SeriesInstanceUID")]
+    name = str(ds.get("SOPInstanceUID", "") or "") or f"instance-{index}"
+    return output.joinpath(*(p or "unknown" for p in parts), f"{name}.dcm")
+
+
 def deidentify_path(input: Path, output: Path, *, key: bytes | None = None) -> DeidResult:
-    """De-identify a DICOM file into ``output``, or every file under a folder into the same
-    layout under ``output``. Files that are not DICOM are reported as failed, never copied."""
+    """De-identify a DICOM file into the file ``output``, or every file under a folder into
+    ``output/<study>/<series>/<instance>.dcm`` (new UIDs). Files that are not DICOM are
+    reported as failed, never copied."""
     deid = Deidentifier(key)
     result = DeidResult()
-    pairs = (
-        [(input, output, input.name)]
-        if input.is_file()
-        else [(p, output / p.relative_to(input), str(p.relative_to(input))) for p in _files(input)]
-    )
-    for src, dst, name in pairs:
+    single = input.is_file()
+    sources = [input] if single else list(_files(input))
+    for index, src in enumerate(sources):
+        name = src.name if single else str(src.relative_to(input))
         try:
             ds = pydicom.dcmread(src)
         except (InvalidDicomError, OSError, ValueError) as exc:
@@ -401,6 +408,7 @@ def deidentify_path(input: Path, output: Path, *, key: bytes | None = None) -> D
             continue
         done = deid.deidentify(ds)
         done.path = name
+        dst = output if single else _layout(output, ds, index)
         dst.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(dst, enforce_file_format=getattr(ds, "file_meta", None) is not None)
         result.files.append(done)

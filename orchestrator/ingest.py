@@ -295,6 +295,8 @@ def ingest(
             result.studies[outcome.study_id] = result.studies.get(outcome.study_id, False) or new
     for study_id, has_new in result.studies.items():
         if not has_new:
+            if arrival is not None and arrival[1]:
+                _complete_if_waiting(pool, study_id)  # "complete" sent with a retried instance
             continue
         if arrival is None:
             queue_study(pool, redis, queue_name, study_id, job_timeout_s=job_timeout_s)
@@ -302,6 +304,12 @@ def ingest(
         count = sum(f.study_id == study_id and f.outcome == ACCEPTED for f in result.files)
         record_arrival(pool, study_id, source=arrival[0], instances=count, complete=arrival[1])
     return result
+
+
+def _complete_if_waiting(pool: ConnectionPool, study_id: UUID) -> None:
+    with translate_errors(), pool.connection() as conn:
+        if arrivals.waiting(conn, study_id):
+            arrivals.record(conn, study_id=study_id, source="stow", instances=0, complete=True)
 
 
 def record_arrival(

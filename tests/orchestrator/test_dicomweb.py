@@ -334,6 +334,10 @@ def test_complete_queues_at_once(settings_env: dict[str, str], key: str, databas
     study_uid = generate_uid()
     (ds,) = _datasets(study_uid, 1)
     with _in_process(settings_env, ingest_stable_age_s=3600) as client:
+        assert _stow(client, key, ds) == 200
+        time.sleep(1.5)  # a few sweeps: nothing is due
+        assert _state(database_url, study_uid) == ("received", 1)
+        # "complete" on a retry of an instance already stored still completes the study.
         assert _stow(client, key, ds, "?complete=true") == 200
         deadline = time.monotonic() + 10
         while _state(database_url, study_uid)[0] == "received" and time.monotonic() < deadline:

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import RLELossless, generate_uid
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
 from redis import Redis
@@ -292,3 +292,42 @@ def test_storescu_large_multiframe_is_received_to_disk_and_streamed(
         ).fetchone()
     assert row is not None
     assert row[0] == frames and row[1] > 1024 * 1024 * frames * 2
+
+
+@pytest.mark.parametrize(
+    ("syntax", "option"),
+    [(JPEG2000Lossless, "-xv"), (JPEGLSLossless, "-xt")],
+    ids=["jpeg2000-lossless", "jpeg-ls-lossless"],
+)
+def test_storescu_compressed_syntaxes_are_stored_as_sent_and_processed(
+    scp: int, tmp_path: Path, database_url: str, make_key: Any, stack: Any, syntax: str, option: str
+) -> None:
+    study_uid = generate_uid()
+    ds = dcmread(io.BytesIO(_instance(9, study_uid, generate_uid())))
+    ds.compress(syntax)
+    path = tmp_path / "compressed.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    result = subprocess.run(
+        [_dcmtk("storescu"), "-v", option, "-aec", AE_TITLE, "127.0.0.1", str(scp), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_S,
+    )
+    assert "Received Store Response (Success)" in result.stderr, result.stderr
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT i.transfer_syntax_uid, s.id FROM instances i JOIN studies s"
+            " ON s.id = i.study_id WHERE i.sop_uid = %s",
+            (ds.SOPInstanceUID,),
+        ).fetchone()
+    assert row is not None and row[0] == syntax
+    key = make_key("reviewer", tenant=TENANT)
+    deadline = time.monotonic() + WAIT_S
+    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}) as c:
+        while True:
+            body = c.get(f"/v1/studies/{row[1]}").json()
+            if body["status"] in TERMINAL or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+    assert body["status"] in {"done", "needs_review"}, body
+    assert body["instances"][0]["status"] == "done", body["instances"][0]

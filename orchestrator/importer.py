@@ -10,10 +10,13 @@ same as over the API: imported, duplicate, or rejected with a reason.
 from __future__ import annotations
 
 import io
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +42,8 @@ PROGRESS_EVERY_FILES = 100
 # Header elements read to recognise an instance already stored.
 _KEY_TAGS = ["StudyInstanceUID", "SOPInstanceUID"]
 PRINCIPAL = "cli:import"
+# Large zip members are inflated to a temporary file in pieces of this size.
+_COPY_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -66,6 +71,8 @@ class Source:
     path: Path | None = None
     # Set when the file cannot be read at all.
     problem: str | None = None
+    # Large zip members: inflate to this file instead of reading into memory.
+    extract: Callable[[Path], None] | None = None
 
 
 def sources(root: Path, max_bytes: int) -> Iterator[Source]:
@@ -108,7 +115,17 @@ def _zip_members(path: Path, name: str, max_bytes: int) -> Iterator[Source]:
             elif info.file_size > max_bytes:
                 yield Source(member, bytes, problem=f"over the {max_bytes}-byte file limit")
             else:
-                yield Source(member, _member_reader(path, info.filename))
+                big = info.file_size > archive.TO_DISK_ABOVE_BYTES
+                extract = _member_extractor(path, info.filename) if big else None
+                yield Source(member, _member_reader(path, info.filename), extract=extract)
+
+
+def _member_extractor(path: Path, member: str) -> Callable[[Path], None]:
+    def extract(target: Path) -> None:
+        with zipfile.ZipFile(path) as zf, zf.open(member) as src, target.open("wb") as out:
+            shutil.copyfileobj(src, out, _COPY_BYTES)
+
+    return extract
 
 
 def _member_reader(path: Path, member: str) -> Callable[[], bytes]:
@@ -169,6 +186,12 @@ class _Run:
             return
         data: bytes | None = None
         try:
+            if source.extract is not None:
+                with tempfile.TemporaryDirectory(prefix="medtriage-import-") as spool:
+                    target = Path(spool) / "member.dcm"
+                    source.extract(target)
+                    self.one(Source(source.name, source.read, target))
+                return
             if source.path is None:
                 data = source.read()
             study_id = _stored_study(
@@ -184,7 +207,7 @@ class _Run:
             # Files on disk go as paths: large ones are streamed, never read whole.
             content: bytes | Path = source.path if source.path is not None else data or b""
             size = len(content) if isinstance(content, bytes) else content.stat().st_size
-        except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        except (OSError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
             self._reject(source.name, f"unreadable ({exc})")
             return
         try:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -140,3 +141,29 @@ def test_import_of_a_missing_path_is_a_clear_error(settings_env: dict[str, str])
     result = _cli(settings_env, "/no/such/folder")
     assert result.returncode == 2
     assert "no such file or folder" in result.stderr
+
+
+def test_large_zip_member_is_inflated_to_disk_and_imported(
+    stack: Any, settings_env: dict[str, str], tmp_path: Path, database_url: str
+) -> None:
+    frames = 10  # 1024 x 1024 x 10 x 2 bytes = 20 MiB, over the 16 MiB in-memory limit
+    images, _ = load_samples()
+    ds = dcmread(io.BytesIO(radiograph(images[7], study_uid=generate_uid(), size=SIZE)))
+    ds.Rows = ds.Columns = 1024
+    ds.NumberOfFrames = frames
+    ds.PixelData = bytes(range(256)) * (1024 * 1024 * frames * 2 // 256)
+    raw = io.BytesIO()
+    ds.save_as(raw, enforce_file_format=True)
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        zf.writestr("EXPORT/IM1", raw.getvalue())
+    result = _cli(settings_env, str(archive), "--tenant", TENANT, "--quiet")
+    assert _counts(result.stdout) == (1, 0, 0), result.stderr
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT frames, size_bytes FROM instances WHERE sop_uid = %s", (ds.SOPInstanceUID,)
+        ).fetchone()
+    assert row == (frames, len(raw.getvalue()))
+    # Re-run: recognised from the inflated member's header, skipped.
+    again = _cli(settings_env, str(archive), "--tenant", TENANT, "--quiet")
+    assert _counts(again.stdout) == (0, 1, 0)

@@ -43,7 +43,9 @@ def add(conn: Connection, study_id: UUID, *, reason: str, attempts: int) -> bool
     return True
 
 
-def list_items(conn: Connection, *, limit: int, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+def list_items(
+    conn: Connection, *, limit: int, offset: int = 0
+) -> tuple[list[dict[str, Any]], int]:
     with conn.cursor(row_factory=dict_row) as cur:
         total = cur.execute("SELECT count(*) AS n FROM dead_letters").fetchone()
         rows = cur.execute(

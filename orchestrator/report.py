@@ -46,7 +46,7 @@ def build(
                 "findings": r["findings"],
             }
         )
-    return _jsonable(
+    built: dict[str, Any] = _jsonable(
         {
             "schema": SCHEMA,
             "generated_at": datetime.now(UTC),
@@ -73,6 +73,7 @@ def build(
             "disclaimer": DISCLAIMER,
         }
     )
+    return built
 
 
 def to_json_bytes(report: dict[str, Any]) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from pydicom import Dataset
-from pydicom.pixels import pixel_array
+from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID
 
 from preprocess.errors import (

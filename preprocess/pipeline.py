@@ -15,7 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 from pydicom import Dataset
-from pydicom.pixels import apply_color_lut
+from pydicom.pixels.processing import apply_color_lut
 
 from preprocess.decode import decode_frame, frame_policy, is_lossy, transfer_syntax
 from preprocess.errors import DecodeError, MalformedImageError
@@ -75,7 +75,10 @@ def _fit(shape: tuple[int, int], longest: int) -> tuple[int, int]:
 def _shrink(arr: np.ndarray, size: tuple[int, int], interp: int) -> np.ndarray:
     if arr.shape[:2] == size:
         return arr
-    if arr.dtype not in (np.uint8, np.uint16, np.int16, np.float32, np.float64) or arr.dtype == np.float64:
+    if (
+        arr.dtype not in (np.uint8, np.uint16, np.int16, np.float32, np.float64)
+        or arr.dtype == np.float64
+    ):
         arr = arr.astype(np.float32)
     # cv2 takes (width, height).
     return np.asarray(cv2.resize(arr, (size[1], size[0]), interpolation=interp))
@@ -109,7 +112,7 @@ def _display(arr: np.ndarray, ds: Dataset, spec: PreprocessSpec) -> tuple[np.nda
 
 
 def _jpeg(display: np.ndarray, quality: int) -> bytes:
-    img = np.clip(display * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    img: np.ndarray = np.clip(display * 255.0 + 0.5, 0, 255).astype(np.uint8)
     if img.ndim == 3:
         img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
     ok, buf = cv2.imencode(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from pydicom import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
 # Robust automatic window when the image has none: these percentiles of the values.
 AUTO_WINDOW_LOW_PCT = 0.5
@@ -74,12 +74,12 @@ def voi(values: np.ndarray, ds: Dataset, *, mode: str) -> tuple[np.ndarray, list
         if w > 1:
             function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
             if function == "SIGMOID":
-                out = 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
+                windowed = 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
             elif function == "LINEAR_EXACT":
-                out = (values - (c - w / 2)) / w
+                windowed = (values - (c - w / 2)) / w
             else:  # PS3.3 C.11.2.1.2.1
-                out = (values - (c - 0.5)) / (w - 1) + 0.5
-            return np.clip(out, 0.0, 1.0).astype(np.float32), warnings
+                windowed = (values - (c - 0.5)) / (w - 1) + 0.5
+            return np.clip(windowed, 0.0, 1.0).astype(np.float32), warnings
         warnings.append("window_invalid")
     warnings.append("no_window_auto_used")
     low, high = auto_window(values)

@@ -86,7 +86,7 @@ def stow(
     """Store ``objects`` (Part 10 files) with STOW-RS; returns the stored SOP Instance UIDs.
     The target is checked against ``outbound`` (default: public addresses only) first."""
     try:
-        (outbound or OutboundPolicy()).check(base_url, what="PACS target")
+        dest = (outbound or OutboundPolicy()).check(base_url, what="PACS target")
     except DestinationRefused as exc:
         raise ExportFailed(f"STOW-RS to {base_url} refused: {exc.message}") from exc
     boundary = f"medtriage-{secrets.token_hex(12)}"
@@ -102,7 +102,14 @@ def stow(
         "Accept": "application/dicom+json",
     }
     try:
-        r = httpx.post(f"{base_url}/studies", content=body, headers=headers, timeout=timeout_s)
+        # To the address that was checked (the name goes in Host and TLS SNI).
+        with httpx.Client(follow_redirects=False, timeout=timeout_s) as client:
+            r = client.post(
+                f"{dest.url}/studies",
+                content=body,
+                headers=dest.headers(headers),
+                extensions=dest.extensions,
+            )
     except httpx.HTTPError as exc:
         raise ExportFailed(f"STOW-RS to {base_url} failed: {type(exc).__name__}") from exc
     if r.status_code not in (200, 202):

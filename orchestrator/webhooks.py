@@ -257,9 +257,10 @@ def attempt(
     client: httpx.Client, delivery: dict[str, Any], outbound: OutboundPolicy | None = None
 ) -> tuple[bool, int | None, str | None]:
     """POST one delivery; (delivered, HTTP status, error). Any 2xx is delivered. The URL is
-    checked again first (its name may resolve elsewhere since it was registered)."""
+    checked again first (its name may resolve elsewhere since it was registered), and the
+    request goes to the address that was checked."""
     try:
-        (outbound or OutboundPolicy()).check(delivery["url"], what="webhook url")
+        dest = (outbound or OutboundPolicy()).check(delivery["url"], what="webhook url")
     except DestinationRefused as exc:
         return False, None, f"refused: {exc.message}"[:ERROR_SNIPPET_CHARS]
     body = body_of(delivery["id"], delivery["event"], delivery["payload"])
@@ -271,9 +272,10 @@ def attempt(
     }
     try:
         r = client.post(
-            delivery["url"],
+            dest.url,
             content=body,
-            headers=headers,
+            headers=dest.headers(headers),
+            extensions=dest.extensions,
             timeout=httpx.Timeout(float(delivery["timeout_s"])),
         )
     except httpx.TimeoutException as exc:

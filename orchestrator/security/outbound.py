@@ -9,10 +9,11 @@ under a broad allowance (0.0.0.0/0); only an entry for exactly that address open
 
 A host name is resolved and every address it resolves to is checked, when the URL is
 registered and again before each request (a name can be re-pointed after registration).
-Redirects are never followed by the webhook or STOW-RS clients, so a public endpoint cannot
-bounce a request inward. What remains is the window between our resolution and the HTTP
-client's own (DNS rebinding with a zero TTL); closing it needs a connect-time check in the
-transport, which this module does not do.
+The request then goes to the address that was checked (``Destination``: the URL with that
+address, the name in the Host header and as the TLS server name, so certificates are still
+verified against the name): the HTTP client does not resolve the name again, which closes
+the DNS-rebinding window. Redirects are never followed by the webhook or STOW-RS clients,
+so a public endpoint cannot bounce a request inward.
 """
 
 from __future__ import annotations
@@ -39,6 +40,32 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 class DestinationRefused(BadRequest):
     """A URL the platform will not call: not http(s), unresolvable, or not a public address."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A checked URL pinned to the address that was checked."""
+
+    url: str  # the URL with its host replaced by the address
+    host: str  # the Host header: the original name (and port)
+    server_name: str  # what TLS sends as SNI and verifies the certificate against
+
+    def headers(self, headers: dict[str, str]) -> dict[str, str]:
+        return {**headers, "Host": self.host}
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        # httpcore's per-request TLS server name; ignored for plain http.
+        return {"sni_hostname": self.server_name}
+
+
+def _pinned(url: str, ip: IPAddress) -> Destination:
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    literal = f"[{ip}]" if ip.version == 6 else str(ip)
+    userinfo = parts.netloc[: -len(host)] if len(host) < len(parts.netloc) else ""
+    netloc = userinfo + literal + (f":{parts.port}" if parts.port else "")
+    return Destination(parts._replace(netloc=netloc).geturl(), host, parts.hostname or "")
 
 
 def _getaddrinfo(host: str, port: int) -> list[str]:
@@ -94,17 +121,17 @@ class OutboundPolicy:
             return any(net.num_addresses == 1 and ip in net for net in self.allow)
         return any(ip in net for net in self.allow)
 
-    def check(self, url: str, *, what: str = "url") -> None:
+    def check(self, url: str, *, what: str = "url") -> Destination:
         """Raise DestinationRefused unless every address ``url``'s host resolves to may be
-        called. Resolution is blocking (it is meant for registration and for the webhook
-        dispatcher's own threads)."""
+        called; else the URL pinned to the first of them. Resolution is blocking (it is meant
+        for registration and for the senders' own threads)."""
         parts = urlsplit(url)
         host = parts.hostname
         if parts.scheme not in _DEFAULT_PORTS or not host:
             raise DestinationRefused(f"{what} must be an absolute http(s) URL")
         try:
             port = parts.port or _DEFAULT_PORTS[parts.scheme]
-            addresses = {_address(a) for a in self.resolver(host, port)}
+            addresses = list(dict.fromkeys(_address(a) for a in self.resolver(host, port)))
         except (OSError, ValueError) as exc:  # socket.gaierror is an OSError
             raise DestinationRefused(f"{what} host {host!r} does not resolve") from exc
         if not addresses:
@@ -116,3 +143,4 @@ class OutboundPolicy:
                     f"{what} host {host!r} is {ip}, a {reason} address; only public addresses"
                     f" are called unless {ALLOW_SETTING} lists the network"
                 )
+        return _pinned(url, addresses[0])

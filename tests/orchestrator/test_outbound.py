@@ -120,11 +120,13 @@ class _Receiver:
 
     def __init__(self) -> None:
         self.hits = 0
+        self.hosts: list[str] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 receiver.hits += 1
+                receiver.hosts.append(self.headers.get("Host", ""))
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 body = b"{}"
                 self.send_response(200)
@@ -172,6 +174,38 @@ def test_send_time_checks(receiver: _Receiver) -> None:
         assert webhooks.attempt(client, delivery, allowed)[:2] == (True, 200)
         assert pacs.stow(receiver.url + "/dicom-web", [b"DICM"], outbound=allowed) == []
         assert receiver.hits == 2
+
+
+def test_requests_go_to_the_address_that_was_checked(receiver: _Receiver) -> None:
+    """No second resolution by the HTTP client (DNS rebinding): a name only our resolver
+    knows (the system cannot resolve ``.test``) is reached at the checked address, with the
+    name in the Host header and as the TLS server name."""
+    port = receiver.server.server_port
+
+    def dns(host: str, _port: int) -> list[str]:
+        assert host == "hooks.test"
+        return ["127.0.0.1"]
+
+    policy = OutboundPolicy(allow=OutboundPolicy.from_setting("127.0.0.0/8").allow, resolver=dns)
+    dest = policy.check(f"https://hooks.test:{port}/hook?x=1")
+    assert (dest.url, dest.host, dest.server_name) == (
+        f"https://127.0.0.1:{port}/hook?x=1",
+        f"hooks.test:{port}",
+        "hooks.test",
+    )
+    assert dest.extensions == {"sni_hostname": "hooks.test"}
+    delivery = {
+        "id": uuid4(),
+        "event": webhooks.REPORT_CREATED,
+        "payload": {},
+        "secret": "s",
+        "url": f"http://hooks.test:{port}/hook",
+        "timeout_s": 5.0,
+    }
+    with httpx.Client(follow_redirects=False) as client:
+        assert webhooks.attempt(client, delivery, policy)[:2] == (True, 200)
+    assert pacs.stow(f"http://hooks.test:{port}/dicom-web", [b"DICM"], outbound=policy) == []
+    assert receiver.hosts == [f"hooks.test:{port}"] * 2
 
 
 @pytest.mark.integration

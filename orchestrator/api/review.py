@@ -96,9 +96,19 @@ def list_queue(
 
 
 @router.get("/queue/view", response_class=HTMLResponse)
-def queue_view(services: ServicesDep, principal: Reviewer) -> HTMLResponse:
+def queue_view(request: Request, services: ServicesDep, principal: Reviewer) -> HTMLResponse:
     with translate_errors(), services.pool.connection() as conn:
         rows = review.queue(conn, principal.tenant_id)
+    # The queue page shows the same study details as /queue: audited the same way.
+    audit(
+        request,
+        services,
+        principal,
+        action="review.list",
+        resource_type="review_case",
+        resource_id=None,
+        detail={"returned": len(rows)},
+    )
     return HTMLResponse(render.queue([_public(r) for r in rows]))
 
 

@@ -16,7 +16,9 @@ from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
 
 from orchestrator.api import create_app
+from orchestrator.db.keys import ensure_tenant
 from orchestrator.samples import load_samples, radiograph
+from orchestrator.security.oidc import Issuer
 from orchestrator.settings import ApiSettings
 
 pytestmark = pytest.mark.integration
@@ -322,3 +324,39 @@ def test_bodies_over_the_limit_are_413_with_or_without_content_length(
                 assert r.status_code == 413, (path, r.text)
                 assert "limit" in r.json()["detail"]
     assert _objects(storage_dir) == objects
+
+
+def test_a_person_with_a_bearer_token_can_upload(
+    settings_env: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    # A person's id is not an api_keys row: the study records no key, the audit the person.
+    issuer = Issuer()
+    fields = {k.removeprefix("MEDTRIAGE_").lower(): v for k, v in settings_env.items()}
+    fields.update(
+        oidc_issuer=issuer.issuer,
+        oidc_audience=issuer.audience,
+        oidc_jwks_file=str(issuer.write_jwks(tmp_path / "jwks.json")),
+    )
+    with psycopg.connect(database_url) as conn:
+        ensure_tenant(conn, "tenant-ingest-person")
+    token = issuer.mint("carol", role="uploader", tenant="tenant-ingest-person")
+    study_uid = generate_uid()
+    (data,) = _instances(study_uid, 1)
+    with TestClient(create_app(ApiSettings(**fields))) as client:
+        r = client.post(
+            "/v1/studies",
+            content=data,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/dicom"},
+        )
+    assert r.status_code == 202, r.text
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT created_by FROM studies WHERE study_uid = %s", (study_uid,)
+        ).fetchone()
+        audited = conn.execute(
+            "SELECT count(*) FROM audit_log WHERE action = 'study.upload'"
+            " AND principal = 'person:carol' AND resource_id = %s",
+            (r.json()["id"],),
+        ).fetchone()
+    assert row == (None,)
+    assert audited == (1,)

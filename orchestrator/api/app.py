@@ -26,6 +26,7 @@ from orchestrator.api.deps import Services
 from orchestrator.arrivals import Sweeper
 from orchestrator.db import connect_pool, upgrade
 from orchestrator.errors import DependencyUnavailable, MedtriageError
+from orchestrator.security.outbound import OutboundPolicy
 from orchestrator.settings import ApiSettings
 from orchestrator.storage import open_store
 
@@ -98,6 +99,9 @@ def _arrivals_sweeper(services: Services) -> Sweeper:
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
+    # A malformed SSRF allow-list fails start-up, not every later registration.
+    OutboundPolicy.from_setting(settings.outbound_allow_networks)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = _services(settings)

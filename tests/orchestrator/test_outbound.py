@@ -113,6 +113,9 @@ def test_allow_list() -> None:
     OutboundPolicy.from_setting("169.254.169.254/32").check("http://169.254.169.254/")
     with pytest.raises(ValueError, match="not a CIDR"):
         OutboundPolicy.from_setting("10.0.0.0/8,pacs.hospital")
+    # The API refuses to start with it, rather than failing each registration later.
+    with pytest.raises(ValueError, match="not a CIDR"):
+        create_app(ApiSettings(outbound_allow_networks="pacs.hospital"))
 
 
 class _Receiver:

@@ -10,6 +10,7 @@ one action per attribute, applied at every nesting level, plus the profile's bla
 - Replacement UIDs are ``2.25.<128 bits of HMAC-SHA256(key, old uid)>``: the same input UID
   gives the same output UID for one key, so the instances of a study stay one study, and the
   old UID cannot be recovered without the key. Without a key a fresh one is drawn per run.
+- Dates and times the table does not name are emptied too (stricter than the table).
 - (0012,0062) Patient Identity Removed = YES and (0012,0063)/(0012,0064) De-identification
   Method (DCM 113100) are written; (0028,0303) Longitudinal Temporal Information Modified =
   REMOVED, since the profile empties the dates.
@@ -240,6 +241,8 @@ BASIC_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profil
 METHOD_TEXT = "PS3.15 Annex E Basic Profile (medtriage)"
 # Modalities whose images commonly carry text in the pixels (PS3.15 E.1.1 note).
 BURNED_IN_PRONE = frozenset({"US", "OT", "SC", "XA", "RF", "ES", "GM", "SM", "DOC", "IVUS"})
+# Dates and times not in the table are emptied as well (no Retain Longitudinal option).
+_TEMPORAL_VRS = frozenset({"DA", "DT", "TM"})
 # The root under which replacement UIDs are made (PS3.5 B.2: a UUID-derived UID).
 _UID_ROOT = "2.25."
 _UID_BYTES = 16
@@ -362,6 +365,11 @@ class Deidentifier:
             elif elem.VR == "SQ":
                 for item in elem.value:
                     self._walk(item, counts)
+            elif tag not in _ACTIONS and elem.VR in _TEMPORAL_VRS and elem.value:
+                # Stricter than the table: every other date and time is emptied too (RT plan,
+                # structure set, review dates...), since dates narrow down a patient.
+                elem.value = ""
+                counts[1] += 1
 
 
 def _burned_in(ds: Dataset) -> str:
@@ -399,8 +407,12 @@ def deidentify_path(input: Path, output: Path, *, key: bytes | None = None) -> D
     for index, src in enumerate(sources):
         name = src.name if single else str(src.relative_to(input))
         try:
-            ds = pydicom.dcmread(src)
-        except (InvalidDicomError, OSError, ValueError) as exc:
+            # force: files without the 128-byte preamble are common; what is not a dataset
+            # with a SOP Class is refused below.
+            ds = pydicom.dcmread(src, force=True)
+            if "SOPClassUID" not in ds:
+                raise InvalidDicomError("no SOP Class UID")
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on junk input
             # The reason names the problem, not the content (which may be identifying).
             result.files.append(
                 InstanceResult(name, "unknown", "", 0, 0, error=f"not DICOM: {type(exc).__name__}")

@@ -13,6 +13,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
@@ -187,3 +188,73 @@ def test_cli_deid_end_to_end(tmp_path: Path, study: tuple[Path, list[dict[str, s
     _check_clean(src, out, planted)
     every_value = [v for values in planted for v in values.values()]
     assert not [v for v in every_value if v in proc.stdout + proc.stderr]
+
+
+GOLDEN = [
+    ("CT_small.dcm", "NO"),
+    ("MR_small.dcm", "NO"),
+    ("rtplan.dcm", "NO"),
+    ("rtdose.dcm", "NO"),
+    ("rtstruct.dcm", "NO"),  # no preamble or file meta
+    ("waveform_ecg.dcm", "NO"),
+    ("ExplVR_BigEnd.dcm", "unknown"),  # ultrasound, big endian
+    ("JPEG2000.dcm", "unknown"),  # a Secondary Capture
+    ("SC_jpeg_no_color_transform.dcm", "unknown"),
+]
+
+
+def _strings(ds: Dataset) -> list[tuple[str, str, str]]:
+    """(keyword, VR, value) of every text value at every level, file meta included."""
+    out = []
+    meta = getattr(ds, "file_meta", None)
+    for elem in [*ds.iterall(), *(meta.iterall() if meta is not None else [])]:
+        if elem.VR in ("SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN") or elem.value is None:
+            continue
+        values = elem.value if elem.VM > 1 else [elem.value]
+        out += [(elem.keyword, elem.VR, str(v)) for v in values if str(v)]
+    return out
+
+
+@pytest.mark.parametrize(("name", "burned_in"), GOLDEN, ids=[n for n, _ in GOLDEN])
+def test_pydicom_test_files(tmp_path: Path, name: str, burned_in: str) -> None:
+    src = Path(str(get_testdata_file(name)))
+    original = pydicom.dcmread(src, force=True)
+    result = deid.deidentify_path(src, tmp_path / name).summary()
+    assert result["failed"] == [] and result["files"] == 1
+    flagged = [f["burned_in"] for f in result["burned_in_annotation"]]
+    assert flagged == ([] if burned_in == "NO" else [burned_in])
+    ds = pydicom.dcmread(tmp_path / name, force=True)
+    assert ds.PatientIdentityRemoved == "YES"
+    assert not any(e.tag.is_private or e.tag.group in (0x5000, 0x6000) for e in ds.iterall())
+    for elem in ds.iterall():
+        action = deid.RECIPE.get(elem.keyword, deid.KEEP)
+        assert action != deid.REMOVE, elem.keyword
+        if action == deid.ZERO or elem.VR in ("DA", "DT", "TM"):
+            assert elem.value in ("", None) or len(elem.value) == 0, elem.keyword
+        if action == deid.UID and elem.value:
+            values = elem.value if elem.VM > 1 else [elem.value]
+            assert all(str(v).startswith("2.25.") for v in values), elem.keyword
+    if "PixelData" in original:
+        assert ds.PixelData == original.PixelData
+    # No identifying value of the original is anywhere in the output's bytes, unless it is
+    # also (part of) a value that is kept on purpose (a manufacturer, pydicom's own UID root).
+    kept = [v for k, _, v in _strings(original) + _strings(ds) if deid.RECIPE.get(k, "K") == "K"]
+    raw = (tmp_path / name).read_bytes()
+    identifying = {
+        v
+        for k, vr, v in _strings(original)
+        if (deid.RECIPE.get(k, "K") != "K" or vr in ("DA", "DT", "TM")) and len(v) >= 6
+    }
+    left = [v for v in identifying if v.encode() in raw and not any(v in k for k in kept)]
+    assert left == [], left
+
+
+def test_fragments_and_junk_are_refused_not_copied(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("nested_priv_SQ.dcm", "priv_SQ.dcm"):  # datasets without a SOP Class
+        (src / name).write_bytes(Path(str(get_testdata_file(name))).read_bytes())
+    (src / "junk.dcm").write_bytes(b"\x00" * 10 + b"Smith^John 19700101")
+    summary = deid.deidentify_path(src, tmp_path / "out").summary()
+    assert summary["files"] == 0 and len(summary["failed"]) == 3
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))

@@ -46,6 +46,8 @@ from orchestrator.security.crypto import ObjectTampered, verify_sha256
 from orchestrator.settings import WorkerSettings
 from orchestrator.storage import ObjectStore, preview_key, report_key
 from orchestrator.triton.config import ModelSpec
+from preprocess import sandbox
+from preprocess.sandbox import DecodeSandbox
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ class WorkerContext:
     models: dict[str, ModelSpec]
     worker_name: str = "worker"
     events: EventPublisher | None = None
+    # Decoding in a child process (preprocess/sandbox.py); None = in this process.
+    sandbox: DecodeSandbox | None = None
 
 
 @dataclass
@@ -81,6 +85,20 @@ class _Clock:
 
     def add(self, stage: str, started: float) -> None:
         self.timings[stage] = self.timings.get(stage, 0.0) + (time.perf_counter() - started) * 1e3
+
+
+def _decode(
+    ctx: WorkerContext, data: bytes, spec: preprocess.PreprocessSpec, shape: tuple[int, int, int]
+) -> preprocess.Preprocessed:
+    """Bytes → tensor + preview, in the decode sandbox when the worker has one."""
+    limits = {
+        "max_pixels": ctx.settings.max_pixels,
+        "preview_max_size": ctx.settings.preview_max_size,
+        "preview_quality": ctx.settings.preview_quality,
+    }
+    if ctx.sandbox is not None:
+        return ctx.sandbox.run(data, spec, shape, **limits)
+    return sandbox.decode(data, spec, shape, **limits)
 
 
 def _prepare(
@@ -105,15 +123,7 @@ def _prepare(
         clock.add("fetch", t0)
         t0 = time.perf_counter()
         try:
-            ds = preprocess.read_dicom(data)
-            preprocess.check_image(ds, max_pixels=ctx.settings.max_pixels)
-            out = preprocess.preprocess(
-                ds,
-                pp_spec,
-                (int(shape[0]), int(shape[1]), int(shape[2])),
-                preview_max_size=ctx.settings.preview_max_size,
-                preview_quality=ctx.settings.preview_quality,
-            )
+            out = _decode(ctx, data, pp_spec, (int(shape[0]), int(shape[1]), int(shape[2])))
         except preprocess.PreprocessError as exc:
             clock.add("preprocess", t0)
             failed[row["id"]] = f"{exc.category}: {exc}"

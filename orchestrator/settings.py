@@ -133,6 +133,11 @@ class WorkerSettings(CommonSettings):
     # Deadline for one Triton call (client_timeout).
     triton_timeout_s: float = 30.0
     max_pixels: int = 400_000_000
+    # Decoding runs in a child process with this address-space limit and deadline, so a file
+    # that crashes a codec, loops or exhausts memory costs one instance, not the worker.
+    decode_isolation: bool = True
+    decode_memory_mb: int = 4096
+    decode_timeout_s: float = 120.0
     preview_max_size: int = 512
     preview_quality: int = 85
     # Confidence gate: a top-class triage confidence below this sends the study to review.

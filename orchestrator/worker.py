@@ -30,6 +30,7 @@ from orchestrator.security.tls import GrpcTls
 from orchestrator.settings import WorkerSettings
 from orchestrator.storage import open_store
 from orchestrator.triton.config import load_repository
+from preprocess.sandbox import DecodeSandbox
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,20 @@ def build_context(settings: WorkerSettings, name: str) -> WorkerContext:
         s3_kms_key_id=settings.s3_kms_key_id,
     )
     publisher = events.EventPublisher(jobqueue.connect(settings.redis_url), settings.queue_prefix)
+    decoder = (
+        DecodeSandbox(memory_mb=settings.decode_memory_mb, timeout_s=settings.decode_timeout_s)
+        if settings.decode_isolation
+        else None
+    )
     return WorkerContext(
-        settings, pool, store, inference, models, worker_name=name, events=publisher
+        settings,
+        pool,
+        store,
+        inference,
+        models,
+        worker_name=name,
+        events=publisher,
+        sandbox=decoder,
     )
 
 
@@ -145,6 +158,8 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
         dispatcher.stop()
         background.stop()
         metrics.unregister_endpoint(redis, settings.queue_prefix, name)
+        if _CONTEXT.sandbox is not None:
+            _CONTEXT.sandbox.close()
         _CONTEXT.pool.close()
 
 

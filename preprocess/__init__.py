@@ -5,6 +5,8 @@ No database, network, object store or inference server is touched here.
 
 from preprocess.errors import (
     DecodeError,
+    DecoderCrashedError,
+    DecodeTimeoutError,
     ImageTooLargeError,
     MalformedImageError,
     NoPixelDataError,
@@ -20,6 +22,8 @@ from preprocess.reader import DEFAULT_MAX_PIXELS, check_image, read_dicom
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DecodeError",
+    "DecodeTimeoutError",
+    "DecoderCrashedError",
     "ImageTooLargeError",
     "MalformedImageError",
     "NoPixelDataError",

@@ -11,6 +11,8 @@ Tree::
     ├── UnsupportedTransferSyntaxError (422)       unsupported_transfer_syntax
     ├── TruncatedError (422)                       truncated
     └── DecodeError (422)                          decode_failed
+        ├── DecodeTimeoutError (422)               decode_timeout   (stopped by the sandbox)
+        └── DecoderCrashedError (422)              decoder_crashed  (codec crash / memory limit)
 
 pydicom's and the codecs' exceptions are translated once, where they are raised, with
 ``raise ... from exc``; callers catch ``PreprocessError`` only.
@@ -60,3 +62,11 @@ class TruncatedError(PreprocessError):
 
 class DecodeError(PreprocessError):
     category = "decode_failed"
+
+
+class DecodeTimeoutError(DecodeError):
+    category = "decode_timeout"
+
+
+class DecoderCrashedError(DecodeError):
+    category = "decoder_crashed"

@@ -1,0 +1,25 @@
+"""Misbehaving 'decoders' for tests/preprocess/test_sandbox.py, importable by the sandbox's
+spawned child (the test puts this folder on sys.path, which the child inherits)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def sleep(seconds: float) -> str:
+    time.sleep(seconds)
+    return "woke"
+
+
+def abort() -> None:
+    os.abort()  # SIGABRT, as a crashing C codec would
+
+
+def allocate(megabytes: int) -> int:
+    block = bytearray(megabytes * 2**20)
+    return len(block)
+
+
+def pid() -> int:
+    return os.getpid()

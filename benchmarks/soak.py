@@ -20,6 +20,7 @@ import statistics
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -57,6 +58,8 @@ class Sample:
 class State:
     sent: int = 0
     errors: int = 0
+    # error kind (HTTP status or exception name) -> count
+    kinds: Counter[str] = field(default_factory=Counter)
     ids: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -144,9 +147,15 @@ def run(minutes: float, share: float, workers: int) -> Path:
                     sid = _post(client, [data])
                     with state.lock:
                         state.ids.append(sid)
-                except httpx.HTTPError:
+                except httpx.HTTPError as exc:
+                    kind = (
+                        str(exc.response.status_code)
+                        if isinstance(exc, httpx.HTTPStatusError)
+                        else type(exc).__name__
+                    )
                     with state.lock:
                         state.errors += 1
+                        state.kinds[kind] += 1
 
             def arrivals() -> None:
                 with ThreadPoolExecutor(8) as pool:
@@ -244,7 +253,7 @@ def _write(
         "",
         f"- machine: {os.cpu_count()} cores; {workers} workers; workload {WORKLOAD}, one image per study",
         f"- saturation {sat:.1f} studies/s; held {share:.0%} of it for {minutes} min (open loop)",
-        f"- studies sent {state.sent}; upload errors {state.errors}; failed {failed}; "
+        f"- studies sent {state.sent}; upload errors {state.errors} {dict(state.kinds)}; failed {failed}; "
         f"unfinished after the drain {still_open}",
         "",
         "| role | RSS first fifth (MiB) | RSS last fifth (MiB) | change | fds first → last | TCP conns first → last |",

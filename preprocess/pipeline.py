@@ -8,6 +8,7 @@ radiograph is reduced to ≤512 px before any float conversion.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -72,6 +73,14 @@ def _fit(shape: tuple[int, int], longest: int) -> tuple[int, int]:
     return max(1, round(rows * scale)), max(1, round(cols * scale))
 
 
+def _block_factor(shape: tuple[int, ...], size: tuple[int, int]) -> int:
+    """The largest k ≥ 2 that divides both sides and keeps the image at least ``size``; else 1."""
+    rows, cols = shape[:2]
+    limit = min(rows // size[0], cols // size[1])
+    common = math.gcd(rows, cols)
+    return next((k for k in range(limit, 1, -1) if common % k == 0), 1)
+
+
 def _shrink(arr: np.ndarray, size: tuple[int, int], interp: int) -> np.ndarray:
     if arr.shape[:2] == size:
         return arr
@@ -80,6 +89,14 @@ def _shrink(arr: np.ndarray, size: tuple[int, int], interp: int) -> np.ndarray:
         or arr.dtype == np.float64
     ):
         arr = arr.astype(np.float32)
+    if interp == cv2.INTER_AREA:
+        # OpenCV averages whole k×k blocks (an exact integer ratio) several times faster than
+        # fractional areas: a 2048×2500 frame goes to 512×625 first, then to the target.
+        k = _block_factor(arr.shape, size)
+        if k > 1:
+            arr = cv2.resize(arr, (arr.shape[1] // k, arr.shape[0] // k), interpolation=interp)
+            if arr.shape[:2] == size:
+                return np.asarray(arr)
     # cv2 takes (width, height).
     return np.asarray(cv2.resize(arr, (size[1], size[0]), interpolation=interp))
 

@@ -237,6 +237,28 @@ def fresh_database() -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@contextmanager
+def bench_stack(home: Path, workers: int) -> Iterator[tuple[LocalStack, str, httpx.Client]]:
+    """A fresh database and the whole local stack on it; yields (stack, database URL, a client
+    holding an uploader key)."""
+    with fresh_database() as db_url:
+        settings = CliSettings(
+            database_url=db_url,
+            queue_prefix=f"bench-{uuid.uuid4().hex[:6]}",
+            storage_url=f"file:///tmp/medtriage-bench-{uuid.uuid4().hex[:6]}",
+            port=0,
+            home=home,
+        )
+        with psycopg.connect(db_url) as conn:
+            _, key = create_key(conn, tenant="bench", name="bench", role="uploader")
+        with LocalStack(settings, workers=workers) as stack:
+            stack.wait_workers_ready(settings.redis_url)
+            with httpx.Client(
+                base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=120
+            ) as client:
+                yield stack, db_url, client
+
+
 class RssSampler(threading.Thread):
     def __init__(self, pids: dict[str, list[int]], period_s: float = 0.5) -> None:
         super().__init__(daemon=True)
@@ -487,32 +509,17 @@ def run(counts: Counts, workers: int) -> Report:
 
     # 3. The platform end to end, per workload; naive loop beside it.
     for n_workers in sorted({1, workers, 2 * workers}):
-        with fresh_database() as db_url:
-            settings = CliSettings(
-                database_url=db_url,
-                queue_prefix=f"bench-{uuid.uuid4().hex[:6]}",
-                storage_url=f"file:///tmp/medtriage-bench-{uuid.uuid4().hex[:6]}",
-                port=0,
-                home=home,
+        with bench_stack(home, n_workers) as (stack, db_url, client):
+            assert stack.triton is not None
+            sampler = RssSampler(
+                {
+                    "api": [stack.procs[0].pid],
+                    "workers": [p.pid for p in stack.procs[1:]],
+                    "triton": [stack.triton.pid or 0],
+                }
             )
-            with psycopg.connect(db_url) as conn:
-                _, key = create_key(conn, tenant="bench", name="bench", role="uploader")
-            stack = LocalStack(settings, workers=n_workers)
-            stack.start()
+            sampler.start()
             try:
-                stack.wait_workers_ready(settings.redis_url)
-                assert stack.triton is not None
-                sampler = RssSampler(
-                    {
-                        "api": [stack.procs[0].pid],
-                        "workers": [p.pid for p in stack.procs[1:]],
-                        "triton": [stack.triton.pid or 0],
-                    }
-                )
-                sampler.start()
-                client = httpx.Client(
-                    base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=120
-                )
                 names = list(corpora) if n_workers == workers else ["ct-512x512-16bit"]
                 roles = {
                     **sampler.pids,
@@ -593,37 +600,19 @@ def run(counts: Counts, workers: int) -> Report:
                     report.add(
                         "job grain (ct, 16 images)", "16 one-image studies", f"{sat16:.1f} img/s"
                     )
-                sampler.stop()
-                for role, mb in sampler.peak.items():
-                    report.add(f"peak RSS, {n_workers} worker(s)", role, f"{mb:.0f} MiB")
-                client.close()
             finally:
-                stack.stop()
+                sampler.stop()
+            for role, mb in sampler.peak.items():
+                report.add(f"peak RSS, {n_workers} worker(s)", role, f"{mb:.0f} MiB")
 
     # 3b. Before/after of the database fixes, alternated (A B A B) on the CT workload.
     try:
         ablation: dict[str, list[float]] = {label: [] for label in ABLATION}
         for _ in range(2):
             for label, env in ABLATION.items():
-                with fresh_database() as db_url, _environ(env):
-                    settings = CliSettings(
-                        database_url=db_url,
-                        queue_prefix=f"bench-{uuid.uuid4().hex[:6]}",
-                        storage_url=f"file:///tmp/medtriage-bench-{uuid.uuid4().hex[:6]}",
-                        port=0,
-                        home=home,
-                    )
-                    with psycopg.connect(db_url) as conn:
-                        _, key = create_key(conn, tenant="bench", name="bench", role="uploader")
-                    with LocalStack(settings, workers=workers) as stack:
-                        stack.wait_workers_ready(settings.redis_url)
-                        with httpx.Client(
-                            base_url=stack.api_url,
-                            headers={"Authorization": f"Bearer {key}"},
-                            timeout=120,
-                        ) as client:
-                            files = _corpus(makers["ct-512x512-16bit"], counts.saturation)
-                            ablation[label].append(saturation(client, db_url, files)[0])
+                with _environ(env), bench_stack(home, workers) as (_, db_url, client):
+                    files = _corpus(makers["ct-512x512-16bit"], counts.saturation)
+                    ablation[label].append(saturation(client, db_url, files)[0])
         for label, rates in ablation.items():
             report.add(
                 f"db fixes (ct, {workers} workers)",

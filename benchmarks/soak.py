@@ -19,7 +19,6 @@ import os
 import statistics
 import threading
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,10 +30,8 @@ import numpy as np
 import psutil
 import psycopg
 
-from benchmarks.e2e import RESULTS, _corpus, _post, fresh_database, saturation, workloads
-from orchestrator.db.keys import create_key
-from orchestrator.settings import REPO_ROOT, CliSettings
-from orchestrator.stack import LocalStack
+from benchmarks.e2e import RESULTS, _corpus, _post, bench_stack, saturation, workloads
+from orchestrator.settings import REPO_ROOT
 
 SAMPLE_S = 10.0
 WORKLOAD = "ct-512x512-16bit"
@@ -110,109 +107,94 @@ def run(minutes: float, share: float, workers: int) -> Path:
     home = Path(os.environ.get("MEDTRIAGE_HOME", str(REPO_ROOT / ".medtriage")))
     files = _corpus(workloads()[WORKLOAD], DISTINCT_FILES)
     samples: list[Sample] = []
-    with fresh_database() as db_url:
-        settings = CliSettings(
-            database_url=db_url,
-            queue_prefix=f"soak-{uuid.uuid4().hex[:6]}",
-            storage_url=f"file:///tmp/medtriage-soak-{uuid.uuid4().hex[:6]}",
-            port=0,
-            home=home,
+    with bench_stack(home, workers) as (stack, db_url, client):
+        assert stack.triton is not None
+        pids = {
+            "api": [stack.procs[0].pid],
+            "workers": [p.pid for p in stack.procs[1:]],
+            "triton": [stack.triton.pid or 0],
+        }
+        sat, _ = saturation(
+            client, db_url, [_fresh(files[i % len(files)]) for i in range(SATURATION_STUDIES)]
         )
-        with psycopg.connect(db_url) as conn:
-            _, key = create_key(conn, tenant="soak", name="soak", role="uploader")
-        with LocalStack(settings, workers=workers) as stack:
-            stack.wait_workers_ready(settings.redis_url)
-            assert stack.triton is not None
-            pids = {
-                "api": [stack.procs[0].pid],
-                "workers": [p.pid for p in stack.procs[1:]],
-                "triton": [stack.triton.pid or 0],
-            }
-            client = httpx.Client(
-                base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=60
-            )
-            sat, _ = saturation(
-                client, db_url, [_fresh(files[i % len(files)]) for i in range(SATURATION_STUDIES)]
-            )
-            rate = sat * share
+        rate = sat * share
+        print(
+            f"saturation {sat:.1f} studies/s; holding {rate:.1f}/s for {minutes} min",
+            flush=True,
+        )
+        state = State()
+        stop = time.monotonic() + minutes * 60
+
+        def send(data: bytes) -> None:
+            try:
+                sid = _post(client, [data])
+                with state.lock:
+                    state.ids.append(sid)
+            except httpx.HTTPError as exc:
+                kind = (
+                    str(exc.response.status_code)
+                    if isinstance(exc, httpx.HTTPStatusError)
+                    else type(exc).__name__
+                )
+                with state.lock:
+                    state.errors += 1
+                    state.kinds[kind] += 1
+
+        def arrivals() -> None:
+            with ThreadPoolExecutor(8) as pool:
+                t0 = time.monotonic()
+                i = 0
+                while time.monotonic() < stop:
+                    delay = t0 + i / rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    pool.submit(send, _fresh(files[i % len(files)]))
+                    with state.lock:
+                        state.sent += 1
+                    i += 1
+
+        sender = threading.Thread(target=arrivals, daemon=True)
+        started = time.time()
+        sender.start()
+        last = time.time()
+        while sender.is_alive():
+            time.sleep(SAMPLE_S)
+            now = time.time()
+            lat = _finished_since(db_url, last)
+            rss, fds, conns = _resources(pids)
+            with state.lock:
+                s = Sample(
+                    now - started,
+                    state.sent,
+                    state.errors,
+                    len(lat),
+                    float(np.percentile(lat, 95)) if lat else float("nan"),
+                    rss,
+                    fds,
+                    conns,
+                )
+            samples.append(s)
             print(
-                f"saturation {sat:.1f} studies/s; holding {rate:.1f}/s for {minutes} min",
+                f"t={s.t:6.0f}s sent={s.sent} errors={s.errors} done/window={s.done}"
+                f" p95={s.p95_s:.2f}s rss={ {k: round(v) for k, v in rss.items()} }"
+                f" fds={fds} conns={conns}",
                 flush=True,
             )
-            state = State()
-            stop = time.monotonic() + minutes * 60
-
-            def send(data: bytes) -> None:
-                try:
-                    sid = _post(client, [data])
-                    with state.lock:
-                        state.ids.append(sid)
-                except httpx.HTTPError as exc:
-                    kind = (
-                        str(exc.response.status_code)
-                        if isinstance(exc, httpx.HTTPStatusError)
-                        else type(exc).__name__
-                    )
-                    with state.lock:
-                        state.errors += 1
-                        state.kinds[kind] += 1
-
-            def arrivals() -> None:
-                with ThreadPoolExecutor(8) as pool:
-                    t0 = time.monotonic()
-                    i = 0
-                    while time.monotonic() < stop:
-                        delay = t0 + i / rate - time.monotonic()
-                        if delay > 0:
-                            time.sleep(delay)
-                        pool.submit(send, _fresh(files[i % len(files)]))
-                        with state.lock:
-                            state.sent += 1
-                        i += 1
-
-            sender = threading.Thread(target=arrivals, daemon=True)
-            started = time.time()
-            sender.start()
-            last = time.time()
-            while sender.is_alive():
-                time.sleep(SAMPLE_S)
-                now = time.time()
-                lat = _finished_since(db_url, last)
-                rss, fds, conns = _resources(pids)
-                with state.lock:
-                    s = Sample(
-                        now - started,
-                        state.sent,
-                        state.errors,
-                        len(lat),
-                        float(np.percentile(lat, 95)) if lat else float("nan"),
-                        rss,
-                        fds,
-                        conns,
-                    )
-                samples.append(s)
-                print(
-                    f"t={s.t:6.0f}s sent={s.sent} errors={s.errors} done/window={s.done}"
-                    f" p95={s.p95_s:.2f}s rss={ {k: round(v) for k, v in rss.items()} }"
-                    f" fds={fds} conns={conns}",
-                    flush=True,
-                )
-                last = now
-            sender.join()
-            # Let the tail drain, then count what finished badly.
-            deadline = time.monotonic() + 300
-            with psycopg.connect(db_url, autocommit=True) as conn:
-                while time.monotonic() < deadline:
-                    open_n = conn.execute(
-                        "SELECT count(*) FROM studies WHERE status NOT IN ('done','needs_review','failed')"
-                    ).fetchone()[0]  # type: ignore[index]
-                    if open_n == 0:
-                        break
-                    time.sleep(1)
-                failed = conn.execute(
-                    "SELECT count(*) FROM studies WHERE status = 'failed'"
+            last = now
+        sender.join()
+        # Let the tail drain, then count what finished badly.
+        deadline = time.monotonic() + 300
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            while time.monotonic() < deadline:
+                open_n = conn.execute(
+                    "SELECT count(*) FROM studies WHERE status NOT IN ('done','needs_review','failed')"
                 ).fetchone()[0]  # type: ignore[index]
-            client.close()
+                if open_n == 0:
+                    break
+                time.sleep(1)
+            failed = conn.execute(
+                "SELECT count(*) FROM studies WHERE status = 'failed'"
+            ).fetchone()[0]  # type: ignore[index]
     return _write(samples, sat, share, minutes, workers, state, int(open_n), int(failed))
 
 

@@ -24,9 +24,9 @@ from typing import BinaryIO, TextIO
 from uuid import UUID
 
 from psycopg_pool import ConnectionPool
-from pydicom import dcmread
 from redis import Redis
 
+import preprocess
 from orchestrator import archive, ingest, metrics
 from orchestrator.db import studies as db
 from orchestrator.db import translate_errors
@@ -39,8 +39,6 @@ from orchestrator.storage import ObjectStore
 QUEUE_EVERY_FILES = 200
 # On a non-terminal stream, one progress line per this many files.
 PROGRESS_EVERY_FILES = 100
-# Header elements read to recognise an instance already stored.
-_KEY_TAGS = ["StudyInstanceUID", "SOPInstanceUID"]
 PRINCIPAL = "cli:import"
 # Large zip members are inflated to a temporary file in pieces of this size.
 _COPY_BYTES = 1024 * 1024
@@ -106,9 +104,13 @@ def _zip_members(path: Path, name: str, max_bytes: int) -> Iterator[Source]:
         yield Source(name, bytes, problem=f"not a readable zip archive ({exc})")
         return
     with zf:
-        for info in sorted(zf.infolist(), key=lambda i: i.filename):
-            if archive.skipped(info):
-                continue
+        members = [info for info in zf.infolist() if not archive.skipped(info)]
+        if len(members) > archive.DEFAULT_MAX_MEMBERS:
+            # As over the API; each member read reopens the archive, so a huge one is slow too.
+            problem = f"{len(members)} members exceed the limit of {archive.DEFAULT_MAX_MEMBERS}"
+            yield Source(name, bytes, problem=f"{problem}; split the archive")
+            return
+        for info in sorted(members, key=lambda i: i.filename):
             member = f"{name}/{info.filename}"
             if info.flag_bits & 0x1:
                 yield Source(member, bytes, problem="encrypted zip member")
@@ -131,17 +133,22 @@ def _member_extractor(path: Path, member: str) -> Callable[[Path], None]:
 def _member_reader(path: Path, member: str) -> Callable[[], bytes]:
     # Opened per read: sources are listed first, read later, one at a time.
     def read() -> bytes:
-        with zipfile.ZipFile(path) as zf:
-            return zf.read(member)
+        # At most the declared size: zf.read() inflates a member that understates its size
+        # in one call, up to 2 GiB, before the CRC check fails.
+        with zipfile.ZipFile(path) as zf, zf.open(member) as src:
+            return src.read(zf.getinfo(member).file_size)
 
     return read
 
 
 def _stored_study(pool: ConnectionPool, tenant_id: UUID, source: BinaryIO | Path) -> UUID | None:
     try:
-        ds = dcmread(source, stop_before_pixels=True, specific_tags=_KEY_TAGS)
+        # Bounded like the full ingest (a deflate bomb is not inflated, junk not parsed for long).
+        ds = preprocess.read_header(source, stop_before_pixels=True)
         study_uid, sop_uid = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
     except Exception:  # noqa: BLE001 - unreadable here: the full ingest says why
+        return None
+    if "\0" in study_uid + sop_uid:  # PostgreSQL text cannot hold NUL: the ingest refuses it
         return None
     with translate_errors(), pool.connection() as conn:
         return db.stored_instance(conn, tenant_id=tenant_id, study_uid=study_uid, sop_uid=sop_uid)

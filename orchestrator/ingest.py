@@ -17,7 +17,7 @@ from typing import Any
 from uuid import UUID
 
 from psycopg_pool import ConnectionPool
-from pydicom import dcmread
+from pydicom.uid import UID
 from redis import Redis
 from rq.job import Job, JobStatus
 
@@ -131,6 +131,12 @@ def ingest_file(
         study_uid = str(ds.StudyInstanceUID)
         series_uid = str(ds.SeriesInstanceUID)
         sop_uid = str(ds.SOPInstanceUID)
+        stored_text = (study_uid, series_uid, sop_uid, sop_class_uid, str(ds.get("Modality", "")))
+        if any("\0" in text for text in stored_text):
+            return refuse(
+                f"{filename}: a UID or (0008,0060) Modality holds a NUL byte; fix the sender",
+                "malformed",
+            )
     except preprocess.PreprocessError as exc:
         return refuse(str(exc), exc.category)
     except AttributeError as exc:
@@ -140,6 +146,8 @@ def ingest_file(
             "StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID",
             "missing_uid",
         )
+    except Exception as exc:  # noqa: BLE001 - pydicom converts values lazily; corrupt ones raise
+        return refuse(f"{filename}: unreadable header ({type(exc).__name__}: {exc})", "malformed")
     if expect_study_uid is not None and study_uid != expect_study_uid:
         return refuse(
             f"{filename}: StudyInstanceUID {study_uid} does not match the study in the "
@@ -207,7 +215,9 @@ def _check_complete(ds: Any, data: bytes | Path) -> None:
     Columns x (0028,0008) NumberOfFrames x (0028,0002) SamplesPerPixel x (0028,0100)
     BitsAllocated declare: a truncated transfer fails here, not later in a worker."""
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is None or syntax.is_compressed or "PixelData" not in ds:
+    if not isinstance(syntax, UID) or not syntax.is_transfer_syntax:
+        return  # unknown or private: the decoder says whether it can read it
+    if syntax.is_compressed or "PixelData" not in ds:
         return
     try:
         bits = int(ds.BitsAllocated)
@@ -231,12 +241,7 @@ def _check_complete(ds: Any, data: bytes | Path) -> None:
 
 def _read_header(path: Path) -> Any:
     """A large file's dataset with its big values (pixel data) left on disk until read."""
-    try:
-        return dcmread(path, defer_size=DEFER_BYTES)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt headers
-        raise preprocess.NotDicomError(
-            f"not readable as DICOM Part 10 ({type(exc).__name__}: {exc})"
-        ) from exc
+    return preprocess.read_header(path, defer_size=DEFER_BYTES)
 
 
 def _put_original(store: ObjectStore, key: str, data: bytes | Path) -> tuple[int, str]:

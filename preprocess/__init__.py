@@ -17,7 +17,7 @@ from preprocess.errors import (
     UnsupportedTransferSyntaxError,
 )
 from preprocess.pipeline import Preprocessed, PreprocessSpec, preprocess
-from preprocess.reader import DEFAULT_MAX_PIXELS, check_image, read_dicom
+from preprocess.reader import DEFAULT_MAX_PIXELS, check_image, read_dicom, read_header
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -37,4 +37,5 @@ __all__ = [
     "check_image",
     "preprocess",
     "read_dicom",
+    "read_header",
 ]

@@ -82,6 +82,12 @@ def decode_frame(ds: Dataset, index: int, frames: int) -> np.ndarray:
         raise DecodeError(f"pixel data could not be decoded: {text}") from exc
     except Exception as exc:  # noqa: BLE001 - codec libraries raise their own types
         raise DecodeError(f"pixel data could not be decoded ({type(exc).__name__}: {exc})") from exc
+    except BaseException as exc:
+        # Rust codecs (pylibjpeg-rle, ...) turn a panic on corrupt data into pyo3's
+        # PanicException, a BaseException that would otherwise escape every handler.
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise DecodeError(f"pixel data could not be decoded (codec panic: {exc})") from exc
     if frames > 1 and arr.ndim >= 3 and arr.shape[0] == frames and index is not None:
         arr = arr[index]
     return np.asarray(arr)

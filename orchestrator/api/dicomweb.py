@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from orchestrator import backpressure, dicomweb, ingest, metrics
@@ -88,10 +89,15 @@ async def _store(
         size = await uploads.spool_body(request, settings.max_upload_bytes, body)
         if not size:
             raise BadRequest("empty body: send one DICOM instance per multipart/related part")
-        with body.open("rb") as fh:
-            parts = dicomweb.split_related(fh, params.get("boundary", ""))
-            files, refused = _split_files(fh, parts, Path(spool))
-        return _answer(request, services, principal, study_uid, files, refused)
+
+        def split_and_store() -> Response:
+            with body.open("rb") as fh:
+                parts = dicomweb.split_related(fh, params.get("boundary", ""))
+                files, refused = _split_files(fh, parts, Path(spool))
+            return _answer(request, services, principal, study_uid, files, refused)
+
+        # Blocking work (splitting, parsing, storing, recording) off the event loop.
+        return await run_in_threadpool(split_and_store)
 
 
 def _split_files(

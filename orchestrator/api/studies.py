@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
@@ -100,7 +101,10 @@ async def create_study(
         payload, rejected = await uploads.rest_payload(
             request, files, settings.max_upload_bytes, Path(spool)
         )
-        return uploads.idempotent(
+        # Parsing, storing and recording are blocking work: off the event loop, so one slow
+        # upload does not stall every other request.
+        return await run_in_threadpool(
+            uploads.idempotent,
             request,
             services,
             principal,

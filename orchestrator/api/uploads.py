@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from orchestrator import archive
@@ -146,7 +147,8 @@ async def rest_payload(
             f"Content-Type {essence or '(none)'!r} is not accepted here: send "
             "multipart/form-data (fields 'files'), application/zip or application/dicom"
         )
-    return expand_zips(payload, max_bytes=max_bytes, spool=spool)
+    # Unpacking zips is blocking work: off the event loop.
+    return await run_in_threadpool(expand_zips, payload, max_bytes=max_bytes, spool=spool)
 
 
 def digest(payload: Payload, *extra: str | None) -> str:

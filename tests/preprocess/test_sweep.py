@@ -10,7 +10,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pytest
 from pydicom.data import get_testdata_files
 
 import preprocess as pp

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -104,15 +106,23 @@ def new_key_entry(kid: str | None = None) -> str:
 
 
 def local_key_file(path: Path) -> str:
-    """The development default: a key file beside (never inside) the local store, made once."""
+    """The development default: a key file beside (never inside) the local store, made once.
+
+    Several processes (API, workers) may start on a fresh store at once: the key is written
+    to a private temporary file and published with ``link``, which fails if another process
+    published first, so no reader ever sees a created-but-empty key file.
+    """
     if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process made it first
-        else:
             with os.fdopen(fd, "w") as fh:
                 fh.write(new_key_entry("local-1"))
+            os.chmod(tmp, 0o600)
+            # FileExistsError: another process published its key first; use that one.
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
     return path.read_text().strip()
 
 

@@ -101,6 +101,27 @@ def test_open_store_encrypts_local_stores_by_default(tmp_path: Path) -> None:
     assert open_store(f"file://{tmp_path / 'objects'}").get("k") == b"PLAIN-VALUE"
 
 
+def test_processes_opening_a_fresh_store_together_share_one_key(tmp_path: Path) -> None:
+    """API and workers start at once on a new store: each must see the same, whole key (a
+    created-but-not-yet-written key file once made a worker exit with 'no encryption keys')."""
+    root = tmp_path / "objects"
+    code = (
+        "import sys; from orchestrator.storage import open_store; "
+        "s = open_store('file://' + sys.argv[1]); print(s.ring.active if hasattr(s, 'ring') else '')"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True)
+        for _ in range(8)
+    ]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    for p in procs:
+        assert p.stdout is not None
+        p.stdout.close()
+    assert [f.name for f in tmp_path.iterdir() if f.is_file()] == ["objects.storage-key"]
+    open_store(f"file://{root}").put("k", b"v")
+    assert open_store(f"file://{root}").get("k") == b"v"
+
+
 @pytest.fixture(scope="module")
 def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from orchestrator.stack import free_port

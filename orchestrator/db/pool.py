@@ -46,9 +46,9 @@ def connect_pool(
 ) -> ConnectionPool:
     """Open a pool without waiting: the API must start (and say 'not ready') while the DB is down.
 
-    ``synchronous_commit=False`` is for writers whose work is re-derivable (the workers: a
-    study whose last commits are lost in a server crash is reopened by the reconciler and
-    rerun, with exactly-once effects); what the API accepts is always committed durably.
+    ``synchronous_commit=False`` lets commits return before the WAL flush (a server crash may
+    lose the last ones). Only the workers may opt in (``worker_synchronous_commit``); what the
+    API accepts is always committed durably.
     """
     kwargs: dict[str, object] = {"connect_timeout": CONNECT_TIMEOUT_S, "autocommit": False}
     if not synchronous_commit:

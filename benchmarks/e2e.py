@@ -259,6 +259,19 @@ def bench_stack(home: Path, workers: int) -> Iterator[tuple[LocalStack, str, htt
                 yield stack, db_url, client
 
 
+def rss_mib(pids: list[int]) -> float:
+    """Resident memory of these processes and all their children, MiB (gone ones count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            total += proc.memory_info().rss
+            total += sum(c.memory_info().rss for c in proc.children(recursive=True))
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
 class RssSampler(threading.Thread):
     def __init__(self, pids: dict[str, list[int]], period_s: float = 0.5) -> None:
         super().__init__(daemon=True)
@@ -270,15 +283,7 @@ class RssSampler(threading.Thread):
     def run(self) -> None:
         while not self._stop.is_set():
             for role, pids in self.pids.items():
-                total = 0.0
-                for pid in pids:
-                    try:
-                        proc = psutil.Process(pid)
-                        total += proc.memory_info().rss
-                        total += sum(c.memory_info().rss for c in proc.children(recursive=True))
-                    except psutil.Error:
-                        pass
-                self.peak[role] = max(self.peak[role], total / 2**20)
+                self.peak[role] = max(self.peak[role], rss_mib(pids))
             self._stop.wait(self.period_s)
 
     def stop(self) -> None:

@@ -44,7 +44,7 @@ import httpx
 import psutil
 import psycopg
 
-from benchmarks.e2e import fresh_database
+from benchmarks.e2e import fresh_database, rss_mib
 from benchmarks.malformed_inputs import Case, build
 from orchestrator.db.keys import create_key
 from orchestrator.settings import REPO_ROOT, CliSettings
@@ -125,15 +125,7 @@ class Supervisor(threading.Thread):
             with self._lock:
                 roles = self.roles()
             for role, pids in roles.items():
-                total = 0
-                for pid in pids:
-                    try:
-                        proc = psutil.Process(pid)
-                        total += proc.memory_info().rss
-                        total += sum(c.memory_info().rss for c in proc.children(recursive=True))
-                    except psutil.Error:
-                        pass
-                self.peak[role] = max(self.peak[role], total / 2**20)
+                self.peak[role] = max(self.peak[role], rss_mib(pids))
             self._stop.wait(RSS_PERIOD_S)
 
     def check(self) -> None:

@@ -164,12 +164,19 @@ def evaluate(
             " FROM results WHERE study_id = %s ORDER BY model, arm, version",
             (study["id"],),
         ).fetchall()
-    cache: dict[tuple[str, int], Thresholds] = {}
+    # Every threshold row of the models at hand in one query; resolved as ``thresholds`` does.
+    stored = {
+        (str(m), int(v)): Thresholds(float(c), float(e), float(p))
+        for m, v, c, e, p in conn.execute(
+            "SELECT model, version, min_confidence, max_entropy, critical_probability"
+            " FROM gate_thresholds WHERE model = ANY(%s)",
+            (sorted({r["model"] for r in rows}),),
+        ).fetchall()
+    }
 
     def limits(model: str, version: int) -> Thresholds:
-        if (model, version) not in cache:
-            cache[(model, version)] = thresholds(conn, model, version, default_confidence)
-        return cache[(model, version)]
+        own = stored.get((model, version)) or stored.get((model, 0))
+        return own or Thresholds(min_confidence=default_confidence)
 
     live = {(r["model"], r["instance_id"]): r for r in rows if r["arm"] == "live"}
     for r in rows:

@@ -77,6 +77,20 @@ class _Prepared:
     instance_id: UUID
     tensor: np.ndarray
     warnings: tuple[str, ...]
+    preview_key: str
+
+
+@dataclass
+class _Run:
+    """What one run of a study has learned, written at the end in one transaction."""
+
+    study: dict[str, Any]
+    routes: dict[str, list[routing.Route]]
+    prepared: list[_Prepared] = field(default_factory=list)
+    # Instance → reason, for instances that failed (the preview key, where one was stored).
+    failed: dict[UUID, str] = field(default_factory=dict)
+    failed_previews: dict[UUID, str] = field(default_factory=dict)
+    results: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -136,11 +150,7 @@ def _prepare(
             what="store.put",
         )
         clock.add("store", t0)
-        with ctx.pool.connection() as conn:
-            db.finish_instance(
-                conn, row["id"], status="stored", preview_key=key, warnings=list(out.warnings)
-            )
-        prepared.append(_Prepared(row["id"], out.tensor, out.warnings))
+        prepared.append(_Prepared(row["id"], out.tensor, out.warnings, key))
     return prepared, failed
 
 
@@ -172,31 +182,27 @@ def _infer_chunks(
     return out
 
 
-def _live_version(ctx: WorkerContext, model: str, study: dict[str, Any]) -> routing.Choice:
-    with ctx.pool.connection() as conn:
-        return routing.choose(model, study["study_uid"], routing.load_routes(conn, model))
-
-
 def _run_model(
     ctx: WorkerContext,
     model: str,
-    study: dict[str, Any],
-    prepared: list[_Prepared],
+    run: _Run,
     clock: _Clock,
     describe: Callable[[ModelSpec, dict[str, np.ndarray], int], tuple[str, float, list[Any]]],
-) -> dict[UUID, str]:
-    """Run every prepared image through the study's live version (and shadows); store results.
+) -> None:
+    """Run every prepared image through the study's live version (and shadows); collect the
+    results in ``run`` (written with the report, in one transaction).
 
     A live version that Triton no longer serves fails over to the remaining live arms (the
     event is recorded); a failing shadow is logged and skipped, never failing the study.
-    Every response is checked first (inference.check_outputs); returns the instances whose
-    live outputs are unusable, with the reason. Nothing is stored for them.
+    Every response is checked first (inference.check_outputs); instances whose live outputs
+    are unusable fail with the reason, and no result is kept for them.
     """
     from orchestrator import rollout
 
     spec = ctx.models[model]
+    study, prepared = run.study, run.prepared
     priority = PRIORITY_STAT if study["priority"] == "stat" else PRIORITY_DEFAULT
-    choice = _live_version(ctx, model, study)
+    choice = routing.choose(model, study["study_uid"], run.routes.get(model, []))
     while True:
         try:
             live_runs = _infer_chunks(ctx, spec, choice.live, prepared, priority)
@@ -213,8 +219,9 @@ def _run_model(
                 rollout.failover(
                     conn, model, choice.live, actor=f"worker:{ctx.worker_name}", reason=str(exc)
                 )
+                run.routes[model] = routing.load_routes(conn, model)
             log.warning("%s v%s unavailable; failed over", model, choice.live)
-            choice = _live_version(ctx, model, study)
+            choice = routing.choose(model, study["study_uid"], run.routes[model])
     runs = [("live", choice.live, live_runs)]
     for version in choice.shadows:
         try:
@@ -223,6 +230,7 @@ def _run_model(
             metrics.inference_error(model, version, "shadow", exc)
             log.warning("shadow %s v%s failed: %s", model, version, type(exc).__name__)
     invalid: dict[UUID, str] = {}
+    kept: list[dict[str, Any]] = []
     for arm, version, chunks in runs:
         for chunk, outputs, elapsed_ms in chunks:
             metrics.observe_inference(model, version, arm, elapsed_ms / 1e3, len(chunk))
@@ -233,45 +241,35 @@ def _run_model(
                 first = check.batch_problem or next(iter(check.row_problems.values()))
                 metrics.inference_error(model, version, arm, InvalidOutput(model, version, first))
                 log.warning("%s v%s (%s) returned unusable outputs: %s", model, version, arm, first)
-            with ctx.pool.connection() as conn:
-                for i, item in enumerate(chunk):
-                    problem = check.problem(i)
-                    if problem is not None:
-                        if arm == "live":
-                            reason = f"invalid_output: {model} v{version}: {problem}"
-                            invalid[item.instance_id] = reason
-                        continue
-                    label, confidence, found = describe(spec, outputs, i)
-                    metrics.observe_prediction(model, version, arm, label, confidence)
-                    db.insert_result(
-                        conn,
-                        study_id=study["id"],
-                        instance_id=item.instance_id,
-                        model=model,
-                        version=version,
-                        arm=arm,
-                        label=label,
-                        confidence=confidence,
-                        outputs={k: v[i].tolist() for k, v in outputs.items()},
-                        findings=found,
-                        latency_ms=elapsed_ms / len(chunk),
-                    )
-    return invalid
-
-
-def _drop_invalid(
-    ctx: WorkerContext,
-    prepared: list[_Prepared],
-    failed: dict[UUID, str],
-    invalid: dict[UUID, str],
-) -> list[_Prepared]:
-    """Fail the instances whose model outputs are unusable; the rest go on."""
-    if invalid:
-        with ctx.pool.connection() as conn:
-            for instance_id, reason in invalid.items():
-                db.finish_instance(conn, instance_id, status="failed", error=reason)
-        failed.update(invalid)
-    return [p for p in prepared if p.instance_id not in invalid]
+            for i, item in enumerate(chunk):
+                problem = check.problem(i)
+                if problem is not None:
+                    if arm == "live":
+                        invalid[item.instance_id] = f"invalid_output: {model} v{version}: {problem}"
+                    continue
+                label, confidence, found = describe(spec, outputs, i)
+                metrics.observe_prediction(model, version, arm, label, confidence)
+                kept.append(
+                    {
+                        "study_id": study["id"],
+                        "instance_id": item.instance_id,
+                        "model": model,
+                        "version": version,
+                        "arm": arm,
+                        "label": label,
+                        "confidence": confidence,
+                        "outputs": {k: v[i].tolist() for k, v in outputs.items()},
+                        "findings": found,
+                        "latency_ms": elapsed_ms / len(chunk),
+                    }
+                )
+    # Fail the instances whose live outputs are unusable; the rest go on.
+    run.results += [r for r in kept if r["instance_id"] not in invalid]
+    for p in prepared:
+        if p.instance_id in invalid:
+            run.failed[p.instance_id] = invalid[p.instance_id]
+            run.failed_previews[p.instance_id] = p.preview_key
+    run.prepared = [p for p in prepared if p.instance_id not in invalid]
 
 
 def _describe_triage(
@@ -290,56 +288,73 @@ def _describe_analysis(
     return label, confidence, findings.analysis_findings(probs, heat, spec.labels)
 
 
-def _gate(
+def _finish(
     ctx: WorkerContext,
-    study: dict[str, Any],
-    failed: dict[UUID, str],
-    prepared: list[_Prepared],
-) -> gate.Decision:
-    """Reason codes and urgency from the stored results (orchestrator/gate.py)."""
-    with ctx.pool.connection() as conn:
-        return gate.evaluate(
-            conn,
-            study,
-            failed=failed,
-            warnings={p.instance_id: p.warnings for p in prepared},
-            prob_outputs={m: spec.outputs[0].name for m, spec in ctx.models.items()},
-            default_confidence=ctx.settings.review_confidence_threshold,
-            triage_model=TRIAGE_MODEL,
-        )
-
-
-def _write_report(
-    ctx: WorkerContext,
-    study_id: UUID,
+    run: _Run,
     token: UUID,
-    status: StudyStatus,
-    error: str | None,
+    job_id: str,
+    attempt: int,
     clock: _Clock,
-) -> bool:
-    """Store the next report revision and set ``status``, in one transaction that holds the
-    study row; False (nothing written) when a newer run has claimed the study."""
+) -> StudyStatus | None:
+    """Everything a run writes, in one transaction that holds the study row: instance states,
+    results, the gate's review case, the next report revision, the final state, the webhook
+    notice and the attempt's outcome. None (nothing written) when a newer run has claimed
+    the study."""
+    study_id = run.study["id"]
     t0 = time.perf_counter()
     with ctx.pool.connection() as conn:
         if not claims.hold(conn, study_id, token):
-            return False
+            return None
+        db.finish_instances(
+            conn,
+            [
+                (iid, "failed", run.failed_previews.get(iid), [], reason)
+                for iid, reason in run.failed.items()
+            ]
+            + [
+                (p.instance_id, "done", p.preview_key, list(p.warnings), None) for p in run.prepared
+            ],
+        )
+        db.insert_results(conn, run.results)
+        error: str | None = None
+        if not run.prepared:
+            final = StudyStatus.FAILED
+            error = (
+                "no instance has usable model outputs"
+                if run.failed_previews
+                else "no instance could be preprocessed"
+            )
+        else:
+            # Reason codes and urgency from the stored results (orchestrator/gate.py).
+            decision = gate.evaluate(
+                conn,
+                run.study,
+                failed=run.failed,
+                warnings={p.instance_id: p.warnings for p in run.prepared},
+                prob_outputs={m: spec.outputs[0].name for m, spec in ctx.models.items()},
+                default_confidence=ctx.settings.review_confidence_threshold,
+                triage_model=TRIAGE_MODEL,
+            )
+            final = StudyStatus.NEEDS_REVIEW if decision.reasons else StudyStatus.DONE
+            if decision.reasons:
+                review.open_case(conn, run.study, decision)
         study = db.get_study(conn, study_id, tenant_id=None)
         assert study is not None
         rows = db.instances(conn, study_id)
         res = db.results(conn, study_id)
-        review = db.review_case(conn, study_id)
+        case = db.review_case(conn, study_id)
         revision = claims.next_revision(conn, study_id)
         clock.add("report", t0)
         timings = {**study["timings"], **clock.timings}
-        study = {**study, "status": status.value, "timings": timings}
-        body = report.to_json_bytes(report.build(study, rows, res, review))
+        study = {**study, "status": final.value, "timings": timings}
+        body = report.to_json_bytes(report.build(study, rows, res, case))
         key = report_key(str(study["tenant_id"]), str(study_id), revision, "json")
         retry.call(
             lambda: ctx.store.put(key, body, content_type="application/json"), what="store.put"
         )
         db.insert_report(conn, study_id=study_id, revision=revision, fmt="json", object_key=key)
         db.merge_timings(conn, study_id, clock.timings)
-        claims.release(conn, study_id, token, status, error)
+        claims.release(conn, study_id, token, final, error)
         # Queued in the same transaction: exactly one notice per report, sent off this thread.
         webhooks.emit(
             conn,
@@ -348,16 +363,22 @@ def _write_report(
             {
                 "study_id": str(study_id),
                 "study_instance_uid": study["study_uid"],
-                "status": status.value,
+                "status": final.value,
                 "report_revision": revision,
                 "report_url": f"/v1/studies/{study_id}/report",
             },
         )
-    return True
+        db.finish_attempt(conn, job_id=job_id, attempt=attempt, outcome="finished")
+    return final
 
 
 def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
-    """Run the whole pipeline for one study; return the final status."""
+    """Run the whole pipeline for one study; return the final status.
+
+    Two transactions per run: the claim (which also reads the instances and the routes),
+    and ``_finish``. Decoding and inference in between touch only the object store and
+    Triton, so the database sees a run as a claim and a commit, whatever the study's size.
+    """
     clock = _Clock()
     started = time.perf_counter()
     with ctx.pool.connection() as conn:
@@ -366,57 +387,30 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
             log.warning("job %s: study %s no longer exists", job_id, study_id)
             return "missing"
         # A fresh claim per run: only the newest run may write the report and final state.
-        token = claims.claim(conn, study_id)
-        if token is None:
+        claimed = claims.claim(conn, study_id)
+        if claimed is None:
             return str(study["status"])
-        if study["queued_at"] is not None:
-            row = conn.execute(
-                "SELECT extract(epoch FROM (started_at - queued_at)) * 1000 FROM studies"
-                " WHERE id = %s",
-                (study_id,),
-            ).fetchone()
-            clock.timings["queue_wait"] = float(row[0]) if row and row[0] is not None else 0.0
+        token = claimed.token
+        if claimed.queue_wait_ms is not None:
+            clock.timings["queue_wait"] = claimed.queue_wait_ms
         attempt = db.start_attempt(conn, job_id=job_id, worker=ctx.worker_name)
         if attempt > 1:
             metrics.JOB_RETRIES.inc()
         rows = [r for r in db.instances(conn, study_id) if r["status"] != "failed"]
-        events.publish(ctx.events, study, "processing")
+        run = _Run(study=study, routes=routing.load_all_routes(conn))
+    events.publish(ctx.events, study, "processing")
 
     try:
-        prepared, failed = _prepare(ctx, study, rows, clock)
+        run.prepared, run.failed = _prepare(ctx, study, rows, clock)
         events.publish(ctx.events, study, "preprocess")
-        with ctx.pool.connection() as conn:
-            for instance_id, reason in failed.items():
-                db.finish_instance(conn, instance_id, status="failed", error=reason)
-        preprocessed = bool(prepared)
-        if prepared:
-            invalid = _run_model(ctx, TRIAGE_MODEL, study, prepared, clock, _describe_triage)
-            prepared = _drop_invalid(ctx, prepared, failed, invalid)
+        if run.prepared:
+            _run_model(ctx, TRIAGE_MODEL, run, clock, _describe_triage)
             events.publish(ctx.events, study, "triage")
-        if prepared:
-            invalid = _run_model(ctx, ANALYSIS_MODEL, study, prepared, clock, _describe_analysis)
-            prepared = _drop_invalid(ctx, prepared, failed, invalid)
+        if run.prepared:
+            _run_model(ctx, ANALYSIS_MODEL, run, clock, _describe_analysis)
             events.publish(ctx.events, study, "analysis")
-        with ctx.pool.connection() as conn:
-            for p in prepared:
-                db.finish_instance(conn, p.instance_id, status="done", warnings=list(p.warnings))
-        error: str | None
-        if not prepared:
-            final = StudyStatus.FAILED
-            error = (
-                "no instance has usable model outputs"
-                if preprocessed
-                else "no instance could be preprocessed"
-            )
-        else:
-            decision = _gate(ctx, study, failed, prepared)
-            reasons = decision.reasons
-            final, error = (StudyStatus.NEEDS_REVIEW, None) if reasons else (StudyStatus.DONE, None)
-            if reasons:
-                with ctx.pool.connection() as conn:
-                    review.open_case(conn, study, decision)
         clock.timings["total_worker"] = (time.perf_counter() - started) * 1e3
-        finished = _write_report(ctx, study_id, token, final, error, clock)
+        final = _finish(ctx, run, token, job_id, attempt, clock)
     except TRANSIENT_ERRORS as exc:
         # Left in 'processing': the job is retried (RQ Retry) or re-enqueued by the reconciler.
         with ctx.pool.connection() as conn:
@@ -426,9 +420,12 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
         raise
     except (InferenceError, Exception) as exc:
         with ctx.pool.connection() as conn:
-            claims.release(
+            if claims.release(
                 conn, study_id, token, StudyStatus.FAILED, f"{type(exc).__name__}: {exc}"
-            )
+            ):
+                db.finish_instances(
+                    conn, [(i, "failed", None, [], r) for i, r in run.failed.items()]
+                )
             db.finish_attempt(
                 conn, job_id=job_id, attempt=attempt, outcome="failed", error=str(exc)
             )
@@ -436,13 +433,12 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
         events.publish(ctx.events, study, "failed", "failed")
         raise
 
-    with ctx.pool.connection() as conn:
-        if not finished:  # a newer run of the same job holds the study; it writes the report
+    if final is None:  # a newer run of the same job holds the study; it writes the report
+        with ctx.pool.connection() as conn:
             db.finish_attempt(
                 conn, job_id=job_id, attempt=attempt, outcome="failed", error="superseded"
             )
-            return "superseded"
-        db.finish_attempt(conn, job_id=job_id, attempt=attempt, outcome="finished")
-    metrics.observe_study(final.value, clock.timings, len(prepared), len(failed))
+        return "superseded"
+    metrics.observe_study(final.value, clock.timings, len(run.prepared), len(run.failed))
     events.publish(ctx.events, study, "report", final.value)
     return final.value

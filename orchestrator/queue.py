@@ -19,8 +19,10 @@ from rq.job import Job, JobStatus
 from orchestrator.errors import DependencyUnavailable
 
 STAGE_PROCESS = "process"
-# Keep a finished job's record for a day (debugging), a failed one's for a week.
-RESULT_TTL_S = 24 * 3600
+# A finished job leaves nothing in Redis: its record (attempts, worker, outcome, timings) is in
+# PostgreSQL (tables jobs, job_attempts), and saving RQ's own result costs every job several
+# Redis writes for a copy nobody reads. A failed one's is kept a week (dead-letter listing).
+RESULT_TTL_S = 0
 FAILURE_TTL_S = 7 * 24 * 3600
 # Transient failures (Triton or a dependency briefly down) get this many more attempts.
 RETRY_MAX = 3

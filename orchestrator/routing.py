@@ -77,3 +77,13 @@ def load_routes(conn: Connection, model: str) -> list[Route]:
         (model,),
     ).fetchall()
     return [Route(version=int(v), weight=int(w), shadow=bool(s)) for v, w, s in rows]
+
+
+def load_all_routes(conn: Connection) -> dict[str, list[Route]]:
+    """Every model's routes in one query (a worker reads them once per study)."""
+    out: dict[str, list[Route]] = {}
+    for model, v, w, s in conn.execute(
+        "SELECT model, version, weight, shadow FROM model_routes ORDER BY model, version"
+    ).fetchall():
+        out.setdefault(str(model), []).append(Route(version=int(v), weight=int(w), shadow=bool(s)))
+    return out

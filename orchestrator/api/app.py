@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator import metrics
 from orchestrator import queue as jobqueue
@@ -98,6 +99,47 @@ def _arrivals_sweeper(services: Services) -> Sweeper:
     )
 
 
+class RequestContext:
+    """Request id (``x-request-id``, taken from the client or made) and the request metrics,
+    per route template.
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) passes
+    every body chunk through extra tasks and streams, which cost an upload about a tenth of
+    the API's CPU (benchmarks/profile_stack.py) and buffer streamed responses.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or ())
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+
+        def observe(status: int) -> None:
+            template = getattr(scope.get("route"), "path", "unmatched")
+            metrics.HTTP_REQUESTS.labels(template, str(status)).inc()
+            metrics.HTTP_LATENCY.labels(template).observe(time.perf_counter() - started)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                observe(int(message["status"]))
+                message = {
+                    **message,
+                    "headers": [
+                        *message.get("headers", ()),
+                        (b"x-request-id", request_id.encode("latin-1")),
+                    ],
+                }
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 def create_app(settings: ApiSettings) -> FastAPI:
     # A malformed SSRF allow-list fails start-up, not every later registration.
     OutboundPolicy.from_setting(settings.outbound_allow_networks)
@@ -141,19 +183,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         # Prometheus HTTP service discovery: the workers' own metrics endpoints.
         return metrics_collectors.worker_targets(request.app.state.services)
 
-    @app.middleware("http")
-    async def request_context(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        metrics.HTTP_REQUESTS.labels(template, str(response.status_code)).inc()
-        metrics.HTTP_LATENCY.labels(template).observe(time.perf_counter() - started)
-        response.headers["x-request-id"] = request.state.request_id
-        return response
+    app.add_middleware(RequestContext)
 
     @app.exception_handler(MedtriageError)
     async def medtriage_error(request: Request, exc: MedtriageError) -> JSONResponse:

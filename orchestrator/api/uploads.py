@@ -48,6 +48,8 @@ Content = bytes | Path
 Payload = list[tuple[str, Content]]
 # Request bodies are copied to disk in pieces of this size.
 SPOOL_CHUNK_BYTES = 1024 * 1024
+# Form files up to this size are handed on from memory (Starlette's own spool size).
+IN_MEMORY_UPLOAD_BYTES = 1024 * 1024
 
 
 def media_type(request: Request) -> tuple[str, dict[str, str]]:
@@ -74,7 +76,12 @@ async def spool_body(request: Request, limit: int, path: Path) -> int:
     return size
 
 
-async def _spool_upload(upload: UploadFile, path: Path) -> Path:
+async def _spool_upload(upload: UploadFile, path: Path) -> Content:
+    """A form file's content: as bytes when Starlette kept it in memory (it does up to its
+    spool size, 1 MiB), else copied to ``path``; copying a small file to disk and reading it
+    back cost the API more than parsing it."""
+    if upload.size is not None and upload.size <= IN_MEMORY_UPLOAD_BYTES:
+        return await upload.read()
     with path.open("wb") as fh:
         while chunk := await upload.read(SPOOL_CHUNK_BYTES):
             fh.write(chunk)
@@ -129,8 +136,8 @@ async def rest_payload(
                 "no files: send DICOM files (or a zip) as multipart/form-data fields named 'files'"
             )
         for index, upload in enumerate(files):
-            path = await _spool_upload(upload, spool / f"form-{index}")
-            payload.append((upload.filename or f"file-{index}", path))
+            content = await _spool_upload(upload, spool / f"form-{index}")
+            payload.append((upload.filename or f"file-{index}", content))
     elif essence == DICOM_TYPE:
         path = spool / "body.dcm"
         if not await spool_body(request, max_bytes, path):

@@ -10,6 +10,7 @@ version) anyway, so whichever run finishes stores the same rows.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from uuid import UUID
 
 from psycopg import Connection
@@ -21,16 +22,25 @@ from orchestrator.db.studies import StudyStatus
 CLAIMABLE = (StudyStatus.QUEUED, StudyStatus.RECEIVED, StudyStatus.PROCESSING)
 
 
-def claim(conn: Connection, study_id: UUID) -> UUID | None:
+@dataclass(frozen=True)
+class Claim:
+    token: UUID
+    # From enqueue to this claim, ms; None when the study was never queued.
+    queue_wait_ms: float | None
+
+
+def claim(conn: Connection, study_id: UUID) -> Claim | None:
     """Move the study to 'processing' under a new token; None when it is not claimable."""
     token = uuid.uuid4()
     row = conn.execute(
         "UPDATE studies SET status = 'processing', claim_token = %s, error = NULL,"
         " started_at = now(), updated_at = now() WHERE id = %s AND status = ANY(%s)"
-        " RETURNING id",
+        " RETURNING extract(epoch FROM (started_at - queued_at)) * 1000",
         (token, study_id, [s.value for s in CLAIMABLE]),
     ).fetchone()
-    return token if row else None
+    if row is None:
+        return None
+    return Claim(token, float(row[0]) if row[0] is not None else None)
 
 
 def hold(conn: Connection, study_id: UUID, token: UUID) -> bool:

@@ -180,17 +180,46 @@ def finish_instance(
     )
 
 
+def finish_instances(
+    conn: Connection,
+    rows: list[tuple[UUID, str, str | None, list[str], str | None]],
+) -> None:
+    """Many ``finish_instance`` calls in one round trip: (id, status, preview key, warnings,
+    error) each."""
+    if not rows:
+        return
+    with conn.cursor() as cur:
+        cur.executemany(
+            "UPDATE instances SET status = %s, preview_key = coalesce(%s, preview_key),"
+            " warnings = %s, error = %s WHERE id = %s",
+            [(status, key, warnings, error, iid) for iid, status, key, warnings, error in rows],
+        )
+
+
+_RESULT_INSERT = (
+    "INSERT INTO results (study_id, instance_id, model, version, arm, label, confidence,"
+    " outputs, findings, latency_ms)"
+    " VALUES (%(study_id)s, %(instance_id)s, %(model)s, %(version)s, %(arm)s, %(label)s,"
+    " %(confidence)s, %(outputs)s, %(findings)s, %(latency_ms)s)"
+    " ON CONFLICT (instance_id, model, version) DO NOTHING"
+)
+
+
+def _result_params(fields: dict[str, Any]) -> dict[str, Any]:
+    return {**fields, "outputs": Jsonb(fields["outputs"]), "findings": Jsonb(fields["findings"])}
+
+
+def insert_results(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Many ``insert_result`` rows in one round trip (psycopg pipelines ``executemany``)."""
+    if not rows:
+        return
+    with conn.cursor() as cur:
+        cur.executemany(_RESULT_INSERT, [_result_params(r) for r in rows])
+
+
 def insert_result(conn: Connection, **fields: Any) -> bool:
     """Record one model output; idempotent per (instance, model, version)."""
-    fields = {**fields, "outputs": Jsonb(fields["outputs"]), "findings": Jsonb(fields["findings"])}
-    cur = conn.execute(
-        "INSERT INTO results (study_id, instance_id, model, version, arm, label, confidence,"
-        " outputs, findings, latency_ms)"
-        " VALUES (%(study_id)s, %(instance_id)s, %(model)s, %(version)s, %(arm)s, %(label)s,"
-        " %(confidence)s, %(outputs)s, %(findings)s, %(latency_ms)s)"
-        " ON CONFLICT (instance_id, model, version) DO NOTHING",
-        fields,
-    )
+    cur = conn.execute(_RESULT_INSERT, _result_params(fields))
     return cur.rowcount == 1
 
 

@@ -140,6 +140,23 @@ def _corpus(make: Callable[[str], bytes], n: int, distinct: int = 4) -> list[byt
     return out
 
 
+def series_corpus(make: Callable[[str], bytes], studies: int, per_study: int) -> list[list[bytes]]:
+    """``studies`` studies of ``per_study`` images each (one series per study, fresh UIDs)."""
+    flat = _corpus(make, studies * per_study)
+    out = []
+    for s in range(studies):
+        uid, series = generate_uid(), generate_uid()
+        files = []
+        for i, f in enumerate(flat[s * per_study : (s + 1) * per_study]):
+            ds = pydicom.dcmread(io.BytesIO(f))
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = uid, series, i + 1
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            files.append(buf.getvalue())
+        out.append(files)
+    return out
+
+
 # --- isolation costs ------------------------------------------------------------------------
 
 
@@ -340,6 +357,14 @@ def _wait(db_url: str, ids: list[str]) -> list[tuple[float, float, str]]:
 
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
+
+
+def saturation_of(client: httpx.Client, db_url: str, studies: list[list[bytes]]) -> float:
+    """Images/s with every study (one request each) sent as fast as the uploaders go."""
+    with ThreadPoolExecutor(UPLOADERS) as pool:
+        ids = list(pool.map(lambda fs: _post(client, fs), studies))
+    rows = _wait(db_url, ids)
+    return sum(map(len, studies)) / (max(r[1] for r in rows) - min(r[0] for r in rows))
 
 
 def saturation(client: httpx.Client, db_url: str, files: list[bytes]) -> tuple[float, list[float]]:

@@ -25,11 +25,13 @@ import psycopg
 
 from benchmarks.e2e import (
     RESULTS,
-    _corpus,
+    _post,
     _service_pids,
+    _wait,
     bench_stack,
     cpu_seconds,
-    saturation,
+    saturation_of,
+    series_corpus,
     workloads,
 )
 
@@ -55,12 +57,14 @@ def _stage_medians(db_url: str) -> dict[str, float]:
             " FROM studies, jsonb_each_text(timings) GROUP BY key ORDER BY key"
         ).fetchall()
         busy = conn.execute(
-            "SELECT sum(extract(epoch FROM s.finished_at - s.started_at))"
-            " / extract(epoch FROM max(s.finished_at) - min(s.started_at)) / count(DISTINCT a.worker)"
-            " FROM studies s JOIN jobs j ON j.study_id = s.id JOIN job_attempts a ON a.job_id = j.id"
+            "SELECT sum(extract(epoch FROM finished_at - started_at))"
+            " / extract(epoch FROM max(finished_at) - min(started_at))"
+            " FROM studies WHERE started_at IS NOT NULL"
         ).fetchone()
+        workers = conn.execute("SELECT count(DISTINCT worker) FROM job_attempts").fetchone()
     out = {str(k): float(v) for k, v in rows}
-    out["share of time a worker holds a study"] = float(busy[0]) if busy and busy[0] else 0.0
+    if busy and busy[0] and workers and workers[0]:
+        out["share of time a worker holds a study"] = float(busy[0]) / int(workers[0])
     return out
 
 
@@ -99,6 +103,7 @@ def main() -> None:
     ap.add_argument("--workload", default="ct-512x512-16bit", choices=sorted(workloads()))
     ap.add_argument("--studies", type=int, default=150)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--images", type=int, default=1, help="images per study (one request each)")
     ap.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     ap.add_argument("--gil", action="store_true", help="only samples holding the GIL (CPU)")
     ap.add_argument("--idle", action="store_true", help="wall clock: count waiting samples too")
@@ -107,10 +112,10 @@ def main() -> None:
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
         raise SystemExit("py-spy not found: .venv/bin/pip install py-spy")
-    files = _corpus(workloads()[args.workload], args.studies)
+    studies = series_corpus(workloads()[args.workload], args.studies, args.images)
     work = Path(tempfile.mkdtemp(prefix="medtriage-profile-"))
     with bench_stack(work, args.workers) as (stack, db_url, client):
-        saturation(client, db_url, files[:8])  # warm every process first
+        _wait(db_url, [_post(client, s[:1]) for s in studies[:4]])  # warm every process first
         pids = {"api": [stack.procs[0].pid], "worker": [p.pid for p in stack.procs[1:]]}
         roles = {
             **pids,
@@ -155,7 +160,7 @@ def main() -> None:
             psutil.cpu_times(),
             time.monotonic(),
         )
-        rate, _ = saturation(client, db_url, files)
+        rate = saturation_of(client, db_url, studies)
         pg1, cpu1, m1, t1 = (
             _pg_counters(db_url),
             cpu_seconds(roles),
@@ -169,11 +174,12 @@ def main() -> None:
             proc.send_signal(2)
         for _, _, proc in spies:
             proc.wait(timeout=30)
-    n = len(files)
+    n = len(studies) * args.images
     lines = [
-        f"# Profile: {args.workload}, {n} one-image studies, {args.workers} workers",
+        f"# Profile: {args.workload}, {len(studies)} studies of {args.images} image(s),"
+        f" {args.workers} workers",
         "",
-        f"saturation {rate:.1f} img/s; CPU ms per study: "
+        f"saturation {rate:.1f} img/s; CPU ms per image: "
         + ", ".join(f"{r} {(cpu1[r] - cpu0[r]) / n * 1e3:.1f}" for r in roles),
         "",
         f"machine busy {machine:.0%} of all cores over the run (benchmark client included)",
@@ -182,7 +188,7 @@ def main() -> None:
         + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()),
         "",
         "PostgreSQL per study: "
-        + ", ".join(f"{k} {(pg1[k] - pg0[k]) / n:.1f}" for k in PG_COUNTERS),
+        + ", ".join(f"{k} {(pg1[k] - pg0[k]) / len(studies):.1f}" for k in PG_COUNTERS),
         "",
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -129,8 +129,14 @@ def local_key_file(path: Path) -> str:
 def seal(ring: KeyRing, key: str, data: bytes) -> bytes:
     kid = ring.active.encode()
     nonce = os.urandom(NONCE_BYTES)
-    sealed = AESGCM(ring.key(ring.active)).encrypt(nonce, data, key.encode())
-    return MAGIC + bytes([len(kid)]) + kid + nonce + sealed
+    header = MAGIC + bytes([len(kid)]) + kid + nonce
+    # Encrypted straight into the output: no second copy of a large object to prepend the header.
+    out = bytearray(len(header) + len(data) + _TAG_BYTES)
+    out[: len(header)] = header
+    AESGCM(ring.key(ring.active)).encrypt_into(
+        nonce, data, key.encode(), memoryview(out)[len(header) :]
+    )
+    return out  # type: ignore[return-value]  # bytes-like; stores write it as is
 
 
 def _segment_nonce(prefix: bytes, index: int, last: bool) -> bytes:
@@ -169,18 +175,29 @@ def _open_stream(ring: KeyRing, key: str, blob: bytes) -> bytes:
     pos += 4
     aead = AESGCM(ring.key(kid))
     sealed = segment_bytes + _TAG_BYTES
-    out = bytearray()
+    segments = max(1, -(-(len(blob) - pos) // sealed))
+    # Each segment decrypted into its place in one buffer (no growing, no per-segment copies).
+    out = bytearray(max(0, len(blob) - pos - segments * _TAG_BYTES))
+    view, target = memoryview(blob), memoryview(out)
     index = 0
     try:
         while True:
             last = len(blob) - pos <= sealed
-            piece = blob[pos : pos + sealed]
-            out += aead.decrypt(_segment_nonce(prefix, index, last), piece, key.encode())
+            piece = view[pos : pos + sealed]
+            size = len(piece) - _TAG_BYTES
+            if size < 0:
+                raise InvalidTag
+            at = index * segment_bytes
+            aead.decrypt_into(
+                _segment_nonce(prefix, index, last), piece, key.encode(), target[at : at + size]
+            )
             if last:
+                if at + size != len(out):
+                    raise InvalidTag
                 return bytes(out)
             pos += sealed
             index += 1
-    except InvalidTag as exc:
+    except (InvalidTag, ValueError) as exc:
         raise ObjectTampered(
             f"object {key} failed its AES-GCM integrity check (tampered, truncated or moved)"
         ) from exc
@@ -196,7 +213,9 @@ def open_sealed(ring: KeyRing, key: str, blob: bytes) -> bytes:
     kid = blob[start : start + n].decode("ascii", errors="replace")
     nonce = blob[start + n : start + n + NONCE_BYTES]
     try:
-        return AESGCM(ring.key(kid)).decrypt(nonce, blob[start + n + NONCE_BYTES :], key.encode())
+        return AESGCM(ring.key(kid)).decrypt(
+            nonce, memoryview(blob)[start + n + NONCE_BYTES :], key.encode()
+        )
     except InvalidTag as exc:
         raise ObjectTampered(
             f"object {key} failed its AES-GCM integrity check (tampered or moved)"

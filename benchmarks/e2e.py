@@ -13,6 +13,7 @@ Measures, on the same files and models:
   a time → one INSERT per result) on the same files;
 - Triton gRPC vs raw ONNX Runtime on the same model and threads; dynamic batching on/off;
   1 vs N workers; job grain (one 16-image study vs 16 one-image studies);
+- CT as it arrives: 32-slice series, one request per study (per-study costs shared);
 - peak RSS of API, workers and Triton.
 Writes ``benchmarks/results/e2e-<date>.md`` (+ ``.png``) and ``benchmarks/results/e2e-latest.md``.
 """
@@ -75,6 +76,11 @@ INFER_CLIENTS = (1, 8)
 INFER_BATCHES = (1, 16)
 
 
+# The series workload: CT studies of this many 512x512 slices, one request per study.
+SERIES_SLICES = 32
+SERIES = f"ct-series-{SERIES_SLICES}x512x512"
+
+
 @dataclass
 class Counts:
     isolation: int
@@ -83,10 +89,11 @@ class Counts:
     idle: int
     naive: int
     infer_s: float
+    series: int  # studies of SERIES_SLICES slices
 
 
-QUICK = Counts(isolation=10, saturation=40, half_load=20, idle=3, naive=20, infer_s=4.0)
-FULL = Counts(isolation=30, saturation=150, half_load=60, idle=5, naive=60, infer_s=10.0)
+QUICK = Counts(isolation=10, saturation=40, half_load=20, idle=3, naive=20, infer_s=4.0, series=3)
+FULL = Counts(isolation=30, saturation=150, half_load=60, idle=5, naive=60, infer_s=10.0, series=12)
 
 
 @dataclass
@@ -630,6 +637,28 @@ def run(counts: Counts, workers: int) -> Report:
                     report.add(
                         "job grain (ct, 16 images)", "16 one-image studies", f"{sat16:.1f} img/s"
                     )
+                    # CT as it arrives: a series of slices per study, sent in one request; the
+                    # per-study costs (request, job, transactions, report) shared by the slices.
+                    series = series_corpus(makers["ct-512x512-16bit"], counts.series, SERIES_SLICES)
+                    images = counts.series * SERIES_SLICES
+                    sect = f"e2e {SERIES}, {n_workers} worker(s)"
+                    before = cpu_seconds(roles)
+                    rate = saturation_of(client, db_url, series)
+                    after = cpu_seconds(roles)
+                    spent = {r: (after[r] - before[r]) / images for r in roles}
+                    report.add(
+                        sect,
+                        "CPU per image by process (ms)",
+                        ", ".join(f"{r} {v * 1e3:.1f}" for r, v in spent.items())
+                        + f"; Σ {sum(spent.values()) * 1e3:.1f}",
+                    )
+                    ideal = report.figures["ideal:ct-512x512-16bit"]
+                    report.add(
+                        sect,
+                        "saturation throughput",
+                        f"{rate:.1f} img/s (efficiency {rate / ideal:.2f} of the CT ideal)",
+                    )
+                    report.figures[f"sat:{SERIES}:{n_workers}"] = rate
             finally:
                 sampler.stop()
             for role, mb in sampler.peak.items():
@@ -674,6 +703,14 @@ def run(counts: Counts, workers: int) -> Report:
             report.add(
                 f"naive loop {name}", "throughput", f"{rate:.1f} img/s (platform {sat / rate:.2f}x)"
             )
+            if name == "ct-512x512-16bit":
+                series = report.figures.get(f"sat:{SERIES}:{workers}", float("nan"))
+                report.figures[f"naive:{SERIES}"] = rate
+                report.add(
+                    f"naive loop {name}",
+                    f"vs the platform on {SERIES_SLICES}-slice series",
+                    f"platform {series / rate:.2f}x",
+                )
     return report
 
 
@@ -704,7 +741,7 @@ def write(report: Report, counts: Counts, workers: int) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        names = [n for n in workloads()]
+        names = [*workloads(), SERIES]
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
         x = np.arange(len(names))
         a.bar(x - 0.27, [report.figures.get(f"ideal:{n}", 0) for n in names], 0.27, label="ideal")

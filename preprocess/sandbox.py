@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import resource
+import threading
 from collections.abc import Callable
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
@@ -118,6 +119,9 @@ class DecodeSandbox:
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
         self._shared: shared_memory.SharedMemory | None = None
+        # One call in the child at a time, whichever thread asks (the pipe and the shared
+        # buffer carry one file at a time).
+        self._lock = threading.RLock()
 
     def _child(self) -> Connection:
         if self._conn is None or self._process is None or not self._process.is_alive():
@@ -145,9 +149,10 @@ class DecodeSandbox:
         limits = (max_pixels, preview_max_size, preview_quality)
         if len(data) < SHARED_MIN_BYTES:
             return self.call(decode, data, spec, shape, *limits)
-        shm = self._shared_buffer(len(data))
-        _view(shm)[: len(data)] = data
-        return self.call(decode_shared, shm.name, len(data), spec, shape, *limits)
+        with self._lock:
+            shm = self._shared_buffer(len(data))
+            _view(shm)[: len(data)] = data
+            return self.call(decode_shared, shm.name, len(data), spec, shape, *limits)
 
     def _shared_buffer(self, size: int) -> shared_memory.SharedMemory:
         """The buffer for originals, replaced by a larger one when ``size`` does not fit. One
@@ -167,6 +172,10 @@ class DecodeSandbox:
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the child (``fn`` must be importable there), within the limits."""
+        with self._lock:
+            return self._call(fn, *args)
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
         conn = self._child()
         try:
             conn.send((fn, args))
@@ -205,5 +214,6 @@ class DecodeSandbox:
             process.join(timeout=5)
 
     def close(self) -> None:
-        self._discard()
-        self._release_shared()
+        with self._lock:
+            self._discard()
+            self._release_shared()

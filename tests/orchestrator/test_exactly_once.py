@@ -103,13 +103,16 @@ def test_same_job_twice_concurrently_gives_one_result_per_job_and_one_report(
         reviews = conn.execute(
             "SELECT count(*) FROM review_cases WHERE study_id = %s", (study_id,)
         ).fetchone()
+        instance_states = conn.execute(
+            "SELECT status, error FROM instances WHERE study_id = %s", (study_id,)
+        ).fetchall()
         attempts = conn.execute(
             "SELECT count(*) FROM job_attempts WHERE job_id = %s", (jid,)
         ).fetchone()
     assert status is not None and status[0] in ("done", "needs_review")
     # Every instance ran through both models: one row each, never two.
     assert {(m, n) for _, m, _, n in per_job} == {("triage", 1), ("analysis", 1)}
-    assert len({i for i, _, _, _ in per_job}) == IMAGES_PER_STUDY
+    assert len({i for i, _, _, _ in per_job}) == IMAGES_PER_STUDY, (outcomes, instance_states)
     assert reports == [(1, "json")]
     assert reviews is not None and reviews[0] <= 1
     # Both deliveries really ran or one saw the study finished; one of them won.

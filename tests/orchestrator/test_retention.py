@@ -118,11 +118,19 @@ def test_purge_removes_expired_studies_everywhere_and_nothing_else(
         for client, sid in ((c, expired), (c, held), (k, other)):
             _wait(client, sid)
     redis = Redis.from_url(redis_url)
+    # A finished job leaves nothing in Redis (queue.RESULT_TTL_S = 0); a failed or retried one
+    # does (its job hash, a registry entry) until failure_ttl. Leave what it would for the
+    # expired study, so the purge has Redis keys to remove.
+    jid = jobqueue.job_id(UUID(expired))
+    redis.hset(f"rq:job:{jid}", mapping={"status": "failed", "description": "test"})
+    redis.zadd("rq:failed:medtriage-retention-test", {jid: time.time()})
     before = {
         sid: _footprint(database_url, redis, storage_dir, sid) for sid in (expired, held, other)
     }
     # The processed study really had originals, previews, reports, results and RQ keys.
-    assert {"instances", "results", "reports", "objects", "redis_keys"} <= set(before[expired])
+    assert {"instances", "results", "reports", "objects", "redis_keys", "redis_members"} <= set(
+        before[expired]
+    )
     assert before[expired]["objects"] >= 3
     with psycopg.connect(database_url) as conn:
         for kind in KINDS:

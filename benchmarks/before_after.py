@@ -24,12 +24,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-# (name, images per study, studies): one-image CT studies (the worst case for per-study
-# costs) and 32-slice CT series sent as one request each.
-WORKLOADS = (("ct, 1 image per study", 1, 150), ("ct, 32-slice series per study", 32, 10))
+# (name, benchmarks.e2e workload, images per study, studies): one-image CT studies (the worst
+# case for per-study costs), 32-slice CT series sent as one request each, and one-image
+# uncompressed radiographs (10 MB each: the cost of moving bytes).
+WORKLOADS = (
+    ("ct, 1 image per study", "ct-512x512-16bit", 1, 150),
+    ("ct, 32-slice series per study", "ct-512x512-16bit", 32, 10),
+    ("radiograph 2048x2500, 1 per study", "rx-2048x2500-16bit", 1, 30),
+)
 
 
-def measure(per_study: int, studies: int, workers: int) -> dict[str, float]:
+def measure(workload: str, per_study: int, studies: int, workers: int) -> dict[str, float]:
     """One saturation run on a fresh stack; runs inside whichever tree is on PYTHONPATH."""
     import io
     import time
@@ -41,7 +46,7 @@ def measure(per_study: int, studies: int, workers: int) -> dict[str, float]:
 
     from benchmarks import e2e
 
-    flat = e2e._corpus(e2e.workloads()["ct-512x512-16bit"], per_study * studies)
+    flat = e2e._corpus(e2e.workloads()[workload], per_study * studies)
     grouped = []
     for s in range(studies):
         uid, series = generate_uid(), generate_uid()
@@ -89,12 +94,13 @@ def _worktree(ref: str) -> Path:
     return path
 
 
-def _run(tree: Path, per_study: int, studies: int, workers: int) -> dict[str, float]:
+def _run(tree: Path, workload: str, per_study: int, studies: int, workers: int) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     code = (
         "import json, runpy, sys; "
         f"m = runpy.run_path({str(Path(__file__))!r}); "
-        f"print('RESULT ' + json.dumps(m['measure']({per_study}, {studies}, {workers})))"
+        f"print('RESULT ' + json.dumps(m['measure']({workload!r}, {per_study}, {studies},"
+        f" {workers})))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=tree, capture_output=True, text=True
@@ -129,10 +135,10 @@ def main() -> None:
     }
     runs: dict[tuple[str, str], list[dict[str, float]]] = {}
     try:
-        for name, per_study, studies in WORKLOADS:
+        for name, workload, per_study, studies in WORKLOADS:
             for i in range(args.rounds):
                 for label, tree in trees.items():
-                    r = _run(tree, per_study, studies, args.workers)
+                    r = _run(tree, workload, per_study, studies, args.workers)
                     runs.setdefault((name, label), []).append(r)
                     print(
                         f"{name} | {label} | round {i + 1}: {r['img_per_s']:.1f} img/s", flush=True

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from psycopg import Connection
 from psycopg_pool import ConnectionPool
 from redis import Redis
 from redis.exceptions import RedisError
@@ -194,18 +195,37 @@ def audit(
     resource_id: str | None,
     outcome: str = "ok",
     detail: dict[str, Any] | None = None,
+    conn: Connection | None = None,
 ) -> None:
-    with translate_errors(), services.pool.connection() as conn:
-        record(
-            conn,
-            tenant_id=principal.tenant_id,
-            principal_id=principal.key_id,
-            principal=principal.name,
-            action=action,
-            resource_type=resource_type,
-            resource_id=resource_id,
-            outcome=outcome,
-            request_id=request.state.request_id,
-            source_ip=_source(request),
-            detail=detail,
-        )
+    """One audit row, in ``conn``'s transaction when given (it commits with the caller's
+    work), else in its own."""
+    if conn is not None:
+        _record(conn, request, principal, action, resource_type, resource_id, outcome, detail)
+        return
+    with translate_errors(), services.pool.connection() as own:
+        _record(own, request, principal, action, resource_type, resource_id, outcome, detail)
+
+
+def _record(
+    conn: Connection,
+    request: Request,
+    principal: Principal,
+    action: str,
+    resource_type: str,
+    resource_id: str | None,
+    outcome: str,
+    detail: dict[str, Any] | None,
+) -> None:
+    record(
+        conn,
+        tenant_id=principal.tenant_id,
+        principal_id=principal.key_id,
+        principal=principal.name,
+        action=action,
+        resource_type=resource_type,
+        resource_id=resource_id,
+        outcome=outcome,
+        request_id=request.state.request_id,
+        source_ip=_source(request),
+        detail=detail,
+    )

@@ -146,16 +146,17 @@ def _create(
             row = db.get_study(conn, study_id, tenant_id=principal.tenant_id)
             if row is not None:
                 studies.append({"id": str(study_id), "status": row["status"]})
-    audit(
-        request,
-        services,
-        principal,
-        action="study.upload",
-        resource_type="study",
-        resource_id=",".join(s["id"] for s in studies) or None,
-        outcome="ok" if result.accepted else "rejected",
-        detail={"accepted": result.accepted, "files": len(result.files)},
-    )
+        audit(
+            request,
+            services,
+            principal,
+            action="study.upload",
+            resource_type="study",
+            resource_id=",".join(s["id"] for s in studies) or None,
+            outcome="ok" if result.accepted else "rejected",
+            detail={"accepted": result.accepted, "files": len(result.files)},
+            conn=conn,
+        )
     if not studies:
         raise InvalidUpload(
             "no file was accepted: "

@@ -38,12 +38,18 @@ class LocalStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        self._real_root = os.path.realpath(self.root)
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+        # Lexical: '..' and absolute keys cannot leave the root (the store's own directories
+        # hold no symlinks); resolving every key on disk cost each object two realpath walks.
+        path = os.path.normpath(os.path.join(self._real_root, key))
+        if (
+            os.path.commonpath((path, self._real_root)) != self._real_root
+            or path == self._real_root
+        ):
             raise StorageError(f"key escapes the store: {key!r}")
-        return path
+        return Path(path)
 
     def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
         path = self._path(key)

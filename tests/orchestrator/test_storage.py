@@ -75,9 +75,11 @@ def test_local_store_roundtrip(tmp_path: Path) -> None:
     _roundtrip(open_store(f"file://{tmp_path}"))
 
 
-def test_local_store_refuses_keys_that_escape(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["../outside", "a/../../outside", "/etc/outside", ".", ""])
+def test_local_store_refuses_keys_that_escape(tmp_path: Path, key: str) -> None:
     with pytest.raises(Exception, match="escapes"):
-        LocalStore(tmp_path).put("../outside", b"x")
+        LocalStore(tmp_path / "store").put(key, b"x")
+    assert not (tmp_path / "outside").exists()
 
 
 @pytest.mark.integration

@@ -32,7 +32,7 @@ from orchestrator.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from orchestrator.ingest import REJECTED, FileOutcome
+from orchestrator.ingest import REJECTED, STREAM_ABOVE_BYTES, FileOutcome
 
 ZIP_TYPES = {"application/zip", "application/x-zip-compressed"}
 DICOM_TYPE = "application/dicom"
@@ -48,8 +48,9 @@ Content = bytes | Path
 Payload = list[tuple[str, Content]]
 # Request bodies are copied to disk in pieces of this size.
 SPOOL_CHUNK_BYTES = 1024 * 1024
-# Form files up to this size are handed on from memory (Starlette's own spool size).
-IN_MEMORY_UPLOAD_BYTES = 1024 * 1024
+# Form files are handed on from memory up to this many bytes per request (the rest are
+# spooled to disk, so a request's memory stays bounded however many files it carries).
+IN_MEMORY_UPLOAD_BYTES = 32 * 1024 * 1024
 
 
 def media_type(request: Request) -> tuple[str, dict[str, str]]:
@@ -76,11 +77,14 @@ async def spool_body(request: Request, limit: int, path: Path) -> int:
     return size
 
 
-async def _spool_upload(upload: UploadFile, path: Path) -> Content:
-    """A form file's content: as bytes when Starlette kept it in memory (it does up to its
-    spool size, 1 MiB), else copied to ``path``; copying a small file to disk and reading it
-    back cost the API more than parsing it."""
-    if upload.size is not None and upload.size <= IN_MEMORY_UPLOAD_BYTES:
+async def _spool_upload(upload: UploadFile, path: Path, budget: list[int]) -> Content:
+    """A form file's content: as bytes while the request's in-memory budget lasts and the file
+    is one ingest would read whole anyway (``ingest.STREAM_ABOVE_BYTES``), else copied to
+    ``path``. Copying a file to disk only to read it back cost a 10 MB radiograph's upload
+    more than storing it."""
+    size = upload.size
+    if size is not None and size <= min(budget[0], STREAM_ABOVE_BYTES):
+        budget[0] -= size
         return await upload.read()
     with path.open("wb") as fh:
         while chunk := await upload.read(SPOOL_CHUNK_BYTES):
@@ -135,8 +139,9 @@ async def rest_payload(
             raise BadRequest(
                 "no files: send DICOM files (or a zip) as multipart/form-data fields named 'files'"
             )
+        budget = [IN_MEMORY_UPLOAD_BYTES]
         for index, upload in enumerate(files):
-            content = await _spool_upload(upload, spool / f"form-{index}")
+            content = await _spool_upload(upload, spool / f"form-{index}", budget)
             payload.append((upload.filename or f"file-{index}", content))
     elif essence == DICOM_TYPE:
         path = spool / "body.dcm"

@@ -4,7 +4,7 @@ plus PostgreSQL's own counters (transactions, rows) per study.
     .venv/bin/pip install py-spy
     .venv/bin/python -m benchmarks.profile_stack --studies 150 --images 1
 
-Writes ``benchmarks/results/profile-<workload>.md`` (self and inclusive time of the hottest
+Writes ``benchmarks/results/profile-<workload>-x<images per study>.md`` (self and inclusive time of the hottest
 functions, per process kind) and the raw collapsed stacks beside it for flame graphs. py-spy
 samples from outside the processes, so the run being profiled is unchanged.
 """
@@ -200,11 +200,11 @@ def main() -> None:
         lines += ["", "| inclusive % | function |", "|---|---|"]
         lines += [f"| {c / total * 100:.1f} | `{f}` |" for f, c in incl]
         lines.append("")
-        with (RESULTS / f"profile-{args.workload}-{role}.collapsed").open("w") as fh:
+        with (RESULTS / f"profile-{args.workload}-x{args.images}-{role}.collapsed").open("w") as fh:
             for o in outs:
                 if o.exists():
                     fh.write(o.read_text())
-    out = RESULTS / f"profile-{args.workload}.md"
+    out = RESULTS / f"profile-{args.workload}-x{args.images}.md"
     out.write_text("\n".join(lines))
     print("\n".join(lines[:6]))
     print(f"wrote {out}")

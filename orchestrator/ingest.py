@@ -1,8 +1,9 @@
 """Accepting DICOM files: validate, store the original, record rows, queue the study.
 
 Shared by every ingest path. Per file the outcome is ``accepted``, ``duplicate`` or
-``rejected`` with a reason. Nothing is half-stored: the object is written before the
-instance row's transaction commits and deleted again if that transaction fails.
+``rejected`` with a reason. Nothing is half-stored: the files of one request that pass the
+checks are recorded in one transaction, each object written before it commits, and every
+object it wrote is deleted again if it fails (the client's retry then stores them all).
 """
 
 from __future__ import annotations
@@ -89,22 +90,40 @@ def _study_priority(ds: Any, requested: str | None) -> str:
     return "routine"
 
 
-def ingest_file(
-    pool: ConnectionPool,
-    store: ObjectStore,
-    principal: Principal,
+@dataclass
+class _Checked:
+    """A file that passed every check: what its rows need."""
+
+    filename: str
+    data: bytes | Path
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str
+    rows: int
+    columns: int
+    frames: int
+    priority: str
+
+
+def _check(
     filename: str,
     data: bytes | Path,
     *,
     max_pixels: int,
     priority: str | None,
-    expect_study_uid: str | None = None,
-) -> FileOutcome:
-    """One file (bytes, or a spooled file on disk: large ones are streamed to the store)."""
+    expect_study_uid: str | None,
+) -> _Checked | FileOutcome:
+    """Parse and validate one file; the refusal (a FileOutcome) when it cannot be accepted.
+    A spooled file is read whole only while it is checked (small ones) and stays on disk
+    until it is stored, so a request's many spooled files are never all in memory at once."""
+    content = data
     if isinstance(data, Path) and data.stat().st_size <= STREAM_ABOVE_BYTES:
-        data = data.read_bytes()
+        content = data.read_bytes()
     try:
-        ds = preprocess.read_dicom(data) if isinstance(data, bytes) else _read_header(data)
+        ds = preprocess.read_dicom(content) if isinstance(content, bytes) else _read_header(content)
     except preprocess.PreprocessError as exc:
         return FileOutcome(filename, REJECTED, str(exc), exc.category)
     try:
@@ -127,16 +146,33 @@ def ingest_file(
 
     try:
         preprocess.check_image(ds, max_pixels=max_pixels)
-        _check_complete(ds, data)
+        _check_complete(ds, content)
         study_uid = str(ds.StudyInstanceUID)
         series_uid = str(ds.SeriesInstanceUID)
         sop_uid = str(ds.SOPInstanceUID)
-        stored_text = (study_uid, series_uid, sop_uid, sop_class_uid, str(ds.get("Modality", "")))
+        modality = str(ds.get("Modality", ""))
+        stored_text = (study_uid, series_uid, sop_uid, sop_class_uid, modality)
         if any("\0" in text for text in stored_text):
             return refuse(
                 f"{filename}: a UID or (0008,0060) Modality holds a NUL byte; fix the sender",
                 "malformed",
             )
+        checked = _Checked(
+            filename=filename,
+            data=data,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_uid=sop_uid,
+            sop_class_uid=str(ds.get("SOPClassUID", "")),
+            transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", ""))
+            if hasattr(ds, "file_meta")
+            else "",
+            modality=modality,
+            rows=int(ds.get("Rows", 0) or 0),
+            columns=int(ds.get("Columns", 0) or 0),
+            frames=int(ds.get("NumberOfFrames", 1) or 1),
+            priority=_study_priority(ds, priority),
+        )
     except preprocess.PreprocessError as exc:
         return refuse(str(exc), exc.category)
     except AttributeError as exc:
@@ -154,60 +190,109 @@ def ingest_file(
             f"request URL ({expect_study_uid})",
             "study_mismatch",
         )
-    instance_id = uuid.uuid4()
+    return checked
+
+
+def _record(
+    pool: ConnectionPool, store: ObjectStore, principal: Principal, files: list[_Checked]
+) -> list[FileOutcome]:
+    """Store the originals and record their rows, all in one transaction: it commits every
+    file or none, and on failure every object it wrote is deleted again. One transaction per
+    request rather than per file (a 32-slice series was 32 commits)."""
+    outcomes: list[FileOutcome] = []
+    written: list[str] = []
+    study_ids: dict[str, UUID] = {}
+    series_ids: dict[tuple[UUID, str], UUID] = {}
     with translate_errors(), pool.connection() as conn:
-        study_id = db.upsert_study(
-            conn,
-            tenant_id=principal.tenant_id,
-            study_uid=study_uid,
-            priority=_study_priority(ds, priority),
-            # Only API keys have an api_keys row; people and services are in the audit log.
-            created_by=principal.key_id if principal.kind == "key" else None,
-        )
-        if db.instance_exists(conn, study_id=study_id, sop_uid=sop_uid):
-            conn.rollback()
-            return FileOutcome(
-                filename, DUPLICATE, None, None, study_id, None, sop_class_uid, sop_uid
-            )
-        key = original_key(str(principal.tenant_id), str(study_id), str(instance_id))
-        size, digest = _put_original(store, key, data)
         try:
-            series_id = db.upsert_series(
-                conn, study_id=study_id, series_uid=series_uid, modality=str(ds.get("Modality", ""))
-            )
-            inserted = db.insert_instance(
-                conn,
-                id=instance_id,
-                study_id=study_id,
-                series_id=series_id,
-                sop_uid=sop_uid,
-                sop_class_uid=str(ds.get("SOPClassUID", "")),
-                transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", ""))
-                if hasattr(ds, "file_meta")
-                else "",
-                rows=int(ds.get("Rows", 0) or 0),
-                columns=int(ds.get("Columns", 0) or 0),
-                frames=int(ds.get("NumberOfFrames", 1) or 1),
-                object_key=key,
-                size_bytes=size,
-                sha256=digest,
-            )
+            for f in files:
+                study_id = study_ids.get(f.study_uid)
+                if study_id is None:
+                    study_id = study_ids[f.study_uid] = db.upsert_study(
+                        conn,
+                        tenant_id=principal.tenant_id,
+                        study_uid=f.study_uid,
+                        priority=f.priority,
+                        # Only API keys have an api_keys row; people and services are audited.
+                        created_by=principal.key_id if principal.kind == "key" else None,
+                    )
+                duplicate = FileOutcome(
+                    f.filename, DUPLICATE, None, None, study_id, None, f.sop_class_uid, f.sop_uid
+                )
+                if db.instance_exists(conn, study_id=study_id, sop_uid=f.sop_uid):
+                    outcomes.append(duplicate)
+                    continue
+                instance_id = uuid.uuid4()
+                key = original_key(str(principal.tenant_id), str(study_id), str(instance_id))
+                size, digest = _put_original(store, key, f.data)
+                written.append(key)
+                series_id = series_ids.get((study_id, f.series_uid))
+                if series_id is None:
+                    series_id = series_ids[(study_id, f.series_uid)] = db.upsert_series(
+                        conn, study_id=study_id, series_uid=f.series_uid, modality=f.modality
+                    )
+                inserted = db.insert_instance(
+                    conn,
+                    id=instance_id,
+                    study_id=study_id,
+                    series_id=series_id,
+                    sop_uid=f.sop_uid,
+                    sop_class_uid=f.sop_class_uid,
+                    transfer_syntax_uid=f.transfer_syntax_uid,
+                    rows=f.rows,
+                    columns=f.columns,
+                    frames=f.frames,
+                    object_key=key,
+                    size_bytes=size,
+                    sha256=digest,
+                )
+                if not inserted:  # lost a race with the same instance arriving concurrently
+                    store.delete(key)
+                    written.remove(key)
+                    outcomes.append(duplicate)
+                    continue
+                outcomes.append(
+                    FileOutcome(
+                        f.filename,
+                        ACCEPTED,
+                        None,
+                        None,
+                        study_id,
+                        instance_id,
+                        f.sop_class_uid,
+                        f.sop_uid,
+                    )
+                )
             conn.commit()
         except BaseException:
             # The rollback fails too when the database itself went away: delete regardless.
             try:
                 conn.rollback()
             finally:
-                store.delete(key)
+                for key in written:
+                    store.delete(key)
             raise
-        if not inserted:  # lost a race with the same instance arriving concurrently
-            store.delete(key)
-            return FileOutcome(
-                filename, DUPLICATE, None, None, study_id, None, sop_class_uid, sop_uid
-            )
-    return FileOutcome(
-        filename, ACCEPTED, None, None, study_id, instance_id, sop_class_uid, sop_uid
+    return outcomes
+
+
+def ingest_file(
+    pool: ConnectionPool,
+    store: ObjectStore,
+    principal: Principal,
+    filename: str,
+    data: bytes | Path,
+    *,
+    max_pixels: int,
+    priority: str | None,
+    expect_study_uid: str | None = None,
+) -> FileOutcome:
+    """One file (bytes, or a spooled file on disk: large ones are streamed to the store)."""
+    checked = _check(
+        filename, data, max_pixels=max_pixels, priority=priority, expect_study_uid=expect_study_uid
     )
+    if isinstance(checked, FileOutcome):
+        return checked
+    return _record(pool, store, principal, [checked])[0]
 
 
 def _check_complete(ds: Any, data: bytes | Path) -> None:
@@ -283,17 +368,24 @@ def ingest(
     With ``arrival`` = (source, complete) the studies are not queued here but left to the
     arrivals sweeper (queued when stable, or at once when complete)."""
     result = IngestResult()
+    slots: list[FileOutcome | None] = []
+    accepted: list[_Checked] = []
     for filename, data in files:
-        outcome = ingest_file(
-            pool,
-            store,
-            principal,
+        checked = _check(
             filename,
             data,
             max_pixels=max_pixels,
             priority=priority,
             expect_study_uid=expect_study_uid,
         )
+        if isinstance(checked, FileOutcome):
+            slots.append(checked)
+        else:
+            slots.append(None)
+            accepted.append(checked)
+    recorded = iter(_record(pool, store, principal, accepted) if accepted else [])
+    for slot in slots:
+        outcome = slot if slot is not None else next(recorded)
         result.files.append(outcome)
         if outcome.study_id is not None:
             new = outcome.outcome == ACCEPTED

@@ -70,7 +70,11 @@ def _cmd_triton(args: argparse.Namespace, settings: CliSettings) -> int:
         print(local.install_runtime(settings.home))
         return 0
     stack_home = settings.home
-    rendered = local.render_repository(settings.model_repository, stack_home / "triton-repository")
+    rendered = local.render_repository(
+        settings.model_repository,
+        stack_home / "triton-repository",
+        dynamic_batching=settings.triton_local_dynamic_batching,
+    )
     grpc_port = int(settings.triton_grpc_url.rsplit(":", 1)[1])
     http_port = int(settings.triton_http_url.rsplit(":", 1)[1].split("/")[0])
     local.install_runtime(stack_home)

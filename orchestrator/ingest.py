@@ -437,7 +437,12 @@ def queue_study(
         )
         jid = jobqueue.job_id(study_id)
         db.upsert_job(conn, job_id=jid, study_id=study_id, stage=jobqueue.STAGE_PROCESS)
-    enqueued = jobqueue.enqueue_study(redis, queue_name, study_id, job_timeout_s=job_timeout_s)
+        row = conn.execute("SELECT priority FROM studies WHERE id = %s", (study_id,)).fetchone()
+    # STAT studies jump the queue (and reach Triton at its highest priority, pipeline.py).
+    stat = row is not None and row[0] == "stat"
+    enqueued = jobqueue.enqueue_study(
+        redis, queue_name, study_id, job_timeout_s=job_timeout_s, at_front=stat
+    )
     if not enqueued and job_running(redis, study_id):
         # The running job listed the study's instances when it started and would miss the
         # new ones: the arrivals sweeper queues the study again after that run. (A job still

@@ -46,8 +46,11 @@ def job_id(study_id: UUID, stage: str = STAGE_PROCESS) -> str:
     return f"study-{study_id}-{stage}"
 
 
-def enqueue_study(redis: Redis, queue_name: str, study_id: UUID, *, job_timeout_s: int) -> bool:
-    """Queue the study's job unless it is already queued or running; True when enqueued."""
+def enqueue_study(
+    redis: Redis, queue_name: str, study_id: UUID, *, job_timeout_s: int, at_front: bool = False
+) -> bool:
+    """Queue the study's job unless it is already queued or running; True when enqueued.
+    ``at_front`` (STAT studies) puts it ahead of every waiting job."""
     jid = job_id(study_id)
     try:
         try:
@@ -65,6 +68,7 @@ def enqueue_study(redis: Redis, queue_name: str, study_id: UUID, *, job_timeout_
             failure_ttl=FAILURE_TTL_S,
             retry=Retry(max=RETRY_MAX, interval=RETRY_INTERVALS_S),
             description=f"process study {study_id}",
+            at_front=at_front,
         )
     except RedisError as exc:
         raise DependencyUnavailable("redis", type(exc).__name__) from exc

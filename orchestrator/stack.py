@@ -47,7 +47,9 @@ class LocalStack:
     def start_triton(self) -> TritonProcess:
         install_runtime(self.home)
         rendered = render_repository(
-            self.settings.model_repository, self.home / "triton-repository"
+            self.settings.model_repository,
+            self.home / "triton-repository",
+            dynamic_batching=self.settings.triton_local_dynamic_batching,
         )
         # Explicit model control, so `medtriage models load/unload` works on the local stack.
         self.triton = TritonProcess(

@@ -224,12 +224,14 @@ def render_repository(
     *,
     instance_count: int = DEFAULT_INSTANCE_COUNT,
     ort_threads: int = DEFAULT_ORT_THREADS,
+    dynamic_batching: bool = True,
 ) -> Path:
     """Render the production repository ``src`` as a python-backend repository at ``dest``.
 
     Same models, versions, max_batch_size, dynamic batching (priorities, queue policy),
     version_policy, I/O contract and label files; each version's ``model.py`` runs its
     ``model.onnx`` with ONNX Runtime on CPU. ``dest`` is replaced if an earlier render made it.
+    ``dynamic_batching=False`` drops the dynamic batcher (see ``to_python_backend``).
     """
     if instance_count < 1 or ort_threads < 1:
         raise ValueError("instance_count and ort_threads must be >= 1")
@@ -240,7 +242,14 @@ def render_repository(
     template = MODEL_TEMPLATE.read_text(encoding="utf-8")
     model_py = _fill_template(template)
     for model_dir in models:
-        _render_model(model_dir, dest / model_dir.name, model_py, instance_count, ort_threads)
+        _render_model(
+            model_dir,
+            dest / model_dir.name,
+            model_py,
+            instance_count,
+            ort_threads,
+            dynamic_batching,
+        )
     (dest / _RENDER_MARKER).write_text(str(src.resolve()))
     return dest
 
@@ -269,7 +278,12 @@ def _fill_template(template: str) -> str:
 
 
 def _render_model(
-    src: Path, dest: Path, model_py: str, instance_count: int, ort_threads: int
+    src: Path,
+    dest: Path,
+    model_py: str,
+    instance_count: int,
+    ort_threads: int,
+    dynamic_batching: bool = True,
 ) -> None:
     config_path = src / CONFIG_FILENAME
     config = read_model_config(config_path)
@@ -294,7 +308,12 @@ def _render_model(
         shutil.copy2(src / name, dest / name)
     if (src / PREPROCESS_FILENAME).is_file():
         shutil.copy2(src / PREPROCESS_FILENAME, dest / PREPROCESS_FILENAME)
-    cpu_config = to_python_backend(config, instance_count=instance_count, ort_threads=ort_threads)
+    cpu_config = to_python_backend(
+        config,
+        instance_count=instance_count,
+        ort_threads=ort_threads,
+        dynamic_batching=dynamic_batching,
+    )
     (dest / CONFIG_FILENAME).write_text(
         f"# Rendered by medtriage from {config_path.resolve()}; edit that file, not this one.\n"
         + text_format.MessageToString(cpu_config),
@@ -311,11 +330,14 @@ def to_python_backend(
     *,
     instance_count: int = DEFAULT_INSTANCE_COUNT,
     ort_threads: int = DEFAULT_ORT_THREADS,
+    dynamic_batching: bool = True,
 ) -> mc.ModelConfig:
     """A copy of a production ``ModelConfig`` for the python backend on CPU.
 
     Everything that is the model's contract (name, I/O, batching, version_policy, warmup) is kept;
-    only how it executes changes.
+    only how it executes changes. ``dynamic_batching=False`` drops the dynamic batcher: on this
+    backend it cost throughput at every batch size and client count measured (benchmarks/
+    README.md), and requests still carry their priority (Triton accepts and ignores it).
     """
     out = mc.ModelConfig()
     out.CopyFrom(config)
@@ -329,6 +351,8 @@ def to_python_backend(
     out.ClearField("instance_group")
     out.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instance_count)
     out.parameters[ORT_THREADS_PARAMETER].string_value = str(ort_threads)
+    if not dynamic_batching:
+        out.ClearField("dynamic_batching")
     return out
 
 

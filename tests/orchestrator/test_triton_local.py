@@ -37,6 +37,7 @@ from orchestrator.triton.local import (
     render_repository,
     server_env,
     stub_site_dir,
+    to_python_backend,
 )
 
 pytestmark = pytest.mark.integration
@@ -192,6 +193,18 @@ def _infer(
     for name, array in zip(outputs, arrays, strict=True):
         assert array is not None and array.size > 0, f"{model} v{version}: empty {name!r}"
     return arrays
+
+
+def test_the_cpu_rendering_can_drop_the_dynamic_batcher_and_nothing_else() -> None:
+    original = mc.ModelConfig()
+    text_format.Parse(TOY_CONFIG, original)
+    assert original.HasField("dynamic_batching")
+    kept = to_python_backend(original)
+    dropped = to_python_backend(original, dynamic_batching=False)
+    assert kept.HasField("dynamic_batching")
+    assert not dropped.HasField("dynamic_batching")
+    dropped.dynamic_batching.CopyFrom(kept.dynamic_batching)
+    assert dropped == kept
 
 
 def test_rendered_config_keeps_contract_and_runs_on_cpu(rendered: Path) -> None:

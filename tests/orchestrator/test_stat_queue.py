@@ -1,0 +1,73 @@
+"""STAT studies go to the front of the job queue; routine ones wait their turn.
+
+Real PostgreSQL, Redis and a local object store; the queue is one no worker listens to, so the
+order RQ would hand jobs out is read straight from it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import pytest
+from psycopg_pool import ConnectionPool
+from pydicom.uid import generate_uid
+from rq import Queue
+
+from orchestrator import ingest
+from orchestrator import queue as jobqueue
+from orchestrator.db import connect_pool, keys
+from orchestrator.samples import load_samples, radiograph
+from orchestrator.storage import LocalStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pool(database_url: str) -> Iterator[ConnectionPool]:
+    p = connect_pool(database_url, max_size=2)
+    p.wait()
+    yield p
+    p.close()
+
+
+def test_a_stat_study_is_queued_ahead_of_waiting_routine_ones(
+    pool: ConnectionPool, database_url: str, redis_url: str, make_key: Any, tmp_path: Path
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        principal = keys.authenticate(conn, make_key("uploader", "stat-queue"))
+    assert principal is not None
+    redis = jobqueue.connect(redis_url)
+    queue = f"medtriage-stat-queue-{uuid.uuid4().hex[:6]}"
+    store = LocalStore(tmp_path / "store")
+    images, _ = load_samples()
+
+    def send(priority: str) -> UUID:
+        uid = generate_uid()
+        data = radiograph(images[0], study_uid=uid, size=64)
+        result = ingest.ingest(
+            pool,
+            store,
+            redis,
+            queue,
+            principal,
+            [("x.dcm", data)],
+            max_pixels=10**8,
+            job_timeout_s=60,
+            priority=priority,
+        )
+        assert result.accepted == 1
+        return next(iter(result.studies))
+
+    try:
+        first, second = send("routine"), send("routine")
+        urgent = send("stat")
+        later = send("routine")
+        waiting = Queue(queue, connection=redis).get_job_ids()
+        assert waiting == [jobqueue.job_id(s) for s in (urgent, first, second, later)]
+    finally:
+        Queue(queue, connection=redis).empty()

@@ -4,6 +4,8 @@ The production repository (``model_repository/``) targets the NGC Triton image a
 ONNX Runtime backend. The wheel's server has no such backend, only the python backend, so
 ``render_repository`` turns each model into a python-backend model with the same name, versions,
 batching and I/O contract whose ``model.py`` runs the version's ``model.onnx`` with ONNX Runtime.
+The local stack renders it without the dynamic batcher (settings.triton_local_dynamic_batching):
+on this backend the batcher cost throughput at every size measured.
 
 Layout under ``home`` (``MEDTRIAGE_HOME``, default ``<repo>/.medtriage``)::
 
@@ -72,7 +74,8 @@ LOG_TAIL_LINES = 40
 # machine more than one mostly adds memory.
 DEFAULT_INSTANCE_COUNT = 1
 # ONNX Runtime intra-op threads per model instance. One thread per instance keeps N instances
-# from oversubscribing the cores; Triton's dynamic batching, not ORT threads, gives throughput.
+# from oversubscribing the cores; batching a study's images into one request, not ORT threads,
+# gives throughput.
 DEFAULT_ORT_THREADS = 1
 # Name of the config.pbtxt parameter model.py reads the thread count from.
 ORT_THREADS_PARAMETER = "ort_intra_op_num_threads"

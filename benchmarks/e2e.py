@@ -668,17 +668,26 @@ def run(counts: Counts, workers: int) -> Report:
             for role, mb in sampler.peak.items():
                 report.add(f"peak RSS, {n_workers} worker(s)", role, f"{mb:.0f} MiB")
 
-    # 3b. Settings compared, alternated (A B C D A B C D) on the CT workload.
+    # 3b. Settings compared, alternated (A B C D A B C D) on one-image CT studies and on
+    # 32-slice CT series.
     try:
-        ablation: dict[str, list[float]] = {label: [] for label in ABLATION}
+        ablation: dict[tuple[str, str], list[float]] = {}
         for _ in range(2):
             for label, env in ABLATION.items():
                 with _environ(env), bench_stack(home, workers) as (_, db_url, client):
                     files = _corpus(makers["ct-512x512-16bit"], counts.saturation)
-                    ablation[label].append(saturation(client, db_url, files)[0])
-        for label, rates in ablation.items():
+                    ablation.setdefault(("ct", label), []).append(
+                        saturation(client, db_url, files)[0]
+                    )
+                    series = series_corpus(
+                        makers["ct-512x512-16bit"], max(2, counts.series // 2), SERIES_SLICES
+                    )
+                    ablation.setdefault((SERIES, label), []).append(
+                        saturation_of(client, db_url, series)
+                    )
+        for (workload, label), rates in ablation.items():
             report.add(
-                f"settings compared (ct, {workers} workers)",
+                f"settings compared ({workload}, {workers} workers)",
                 label,
                 f"{statistics.median(rates):.1f} img/s (runs: {', '.join(f'{r:.1f}' for r in rates)})",
             )

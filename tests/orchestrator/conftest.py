@@ -1,23 +1,34 @@
-"""Fixtures shared by the review tests (test_review.py, test_review_page.py) and the PHI
-tests (test_deid.py, test_phi.py)."""
+"""Fixtures shared by the review tests (test_review.py, test_review_page.py), the PHI
+tests (test_deid.py, test_phi.py) and the ingest-level tests (a connection pool)."""
 
 from __future__ import annotations
 
 import io
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+from psycopg_pool import ConnectionPool
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from orchestrator.db import connect_pool
 from orchestrator.samples import radiograph
 
 TERMINAL = {"done", "failed", "needs_review"}
 WAIT_S = 120.0
+
+
+@pytest.fixture(scope="module")
+def pool(database_url: str) -> Iterator[ConnectionPool]:
+    """A small pool on the test database, for tests that call ingest or the pipeline directly."""
+    p = connect_pool(database_url, max_size=2)
+    p.wait()
+    yield p
+    p.close()
 
 
 def lossy_radiograph(image: Any, study_uid: str, priority: str | None = None) -> bytes:

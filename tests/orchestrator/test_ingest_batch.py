@@ -7,7 +7,6 @@ object store that goes away mid-request would), the only fake here.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from pydicom.uid import generate_uid
 
 from orchestrator import ingest
 from orchestrator import queue as jobqueue
-from orchestrator.db import connect_pool, keys
+from orchestrator.db import keys
 from orchestrator.errors import StorageError
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.storage import LocalStore
@@ -42,14 +41,6 @@ class FailingStore(LocalStore):
         if self.puts == self.fail_at:
             raise StorageError("store went away")
         super().put(key, data, content_type=content_type)
-
-
-@pytest.fixture(scope="module")
-def pool(database_url: str) -> Iterator[ConnectionPool]:
-    p = connect_pool(database_url, max_size=2)
-    p.wait()
-    yield p
-    p.close()
 
 
 def _series(study_uid: str) -> list[tuple[str, bytes | Path]]:

@@ -7,7 +7,6 @@ order RQ would hand jobs out is read straight from it.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -20,19 +19,11 @@ from rq import Queue
 
 from orchestrator import ingest
 from orchestrator import queue as jobqueue
-from orchestrator.db import connect_pool, keys
+from orchestrator.db import keys
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.storage import LocalStore
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def pool(database_url: str) -> Iterator[ConnectionPool]:
-    p = connect_pool(database_url, max_size=2)
-    p.wait()
-    yield p
-    p.close()
 
 
 def test_a_stat_study_is_queued_ahead_of_waiting_routine_ones(

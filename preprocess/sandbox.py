@@ -191,6 +191,12 @@ class DecodeSandbox:
                 "the decoder process died on this file (a codec crash or the "
                 f"{self.memory_mb} MB memory limit)"
             ) from None
+        except BaseException:
+            # Interrupted between asking and reading the answer (a signal's exception, an
+            # answer that does not unpickle): the child's answer would be read by the next
+            # call, or block it. A fresh child instead.
+            self._discard()
+            raise
         if ok:
             return cast(T, value)
         if isinstance(value, MemoryError):

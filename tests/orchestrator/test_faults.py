@@ -26,6 +26,7 @@ import psycopg
 import pytest
 from pydicom.uid import generate_uid
 
+from orchestrator import queue as jobqueue
 from orchestrator.chaos import MotoS3, PostgresServer, RedisServer
 from orchestrator.db import upgrade
 from orchestrator.db.keys import create_key
@@ -43,7 +44,10 @@ IMAGE_SIZE = 128
 RECONCILE_INTERVAL_S = 1.0
 STALE_AFTER_S = 3.0
 # How long a batch may take to settle after the last fault.
-SETTLE_TIMEOUT_S = 90.0
+# Long enough for a job's whole retry schedule (queue.RETRY_INTERVALS_S: 5 + 20 + 60 s) plus
+# its runs on a slow shared machine: a study on its last retry is not stuck. A CI run on a
+# machine twice as slow as usual found studies still in 'processing' at 90 s.
+SETTLE_TIMEOUT_S = 60.0 + 2 * sum(jobqueue.RETRY_INTERVALS_S)
 # An upload refused with 503 is sent again after Retry-After, at most this many times.
 UPLOAD_RETRIES = 60
 UPLOAD_RETRY_CAP_S = 1.0

@@ -77,6 +77,16 @@ def test_a_crash_costs_one_file_not_the_caller(box: DecodeSandbox) -> None:
     assert box.run(_ct(), PreprocessSpec(), SHAPE, **LIMITS).tensor.shape == SHAPE
 
 
+def test_an_answer_that_cannot_be_read_costs_that_call_only(box: DecodeSandbox) -> None:
+    before = box.call(sandbox_faults.pid)
+    with pytest.raises(RuntimeError, match="cannot be read"):
+        box.call(sandbox_faults.unreadable_answer)
+    # The next call gets its own answer, from a fresh child: nothing stale is left in the pipe.
+    after = box.call(sandbox_faults.pid)
+    assert after not in (before, os.getpid())
+    assert box.run(_ct(), PreprocessSpec(), SHAPE, **LIMITS).tensor.shape == SHAPE
+
+
 def test_memory_beyond_the_limit_is_refused_not_granted(box: DecodeSandbox) -> None:
     # More than the whole address-space limit: the child cannot have it.
     with pytest.raises((ImageTooLargeError, DecoderCrashedError)):

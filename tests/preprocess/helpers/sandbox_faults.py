@@ -23,3 +23,19 @@ def allocate(megabytes: int) -> int:
 
 def pid() -> int:
     return os.getpid()
+
+
+def _explode(child_pid: int) -> None:
+    if os.getpid() != child_pid:
+        raise RuntimeError("this answer cannot be read here")
+
+
+class _Unreadable:
+    """Pickles in the child; unpickling it anywhere else raises."""
+
+    def __reduce__(self) -> tuple[object, tuple[int]]:
+        return (_explode, (os.getpid(),))
+
+
+def unreadable_answer() -> _Unreadable:
+    return _Unreadable()

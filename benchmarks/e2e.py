@@ -1,6 +1,6 @@
 """End-to-end benchmark of the real local stack, side by side with its baselines, in one run.
 
-    python -m benchmarks.e2e            # full run (~20 min on 2 cores)
+    python -m benchmarks.e2e            # full run (8-20 min on 2 shared cores)
     python -m benchmarks.e2e --quick    # smaller counts (~4 min)
 
 Measures, on the same files and models:

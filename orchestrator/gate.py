@@ -94,16 +94,29 @@ class Decision:
         self.details.setdefault(reason, []).append(detail)
 
 
+_Stored = dict[tuple[str, int], Thresholds]
+
+
+def _stored(conn: Connection, models: list[str]) -> _Stored:
+    """Every threshold row of ``models``, by (model, version)."""
+    return {
+        (str(m), int(v)): Thresholds(float(c), float(e), float(p))
+        for m, v, c, e, p in conn.execute(
+            "SELECT model, version, min_confidence, max_entropy, critical_probability"
+            " FROM gate_thresholds WHERE model = ANY(%s)",
+            (models,),
+        ).fetchall()
+    }
+
+
+def _resolve(stored: _Stored, model: str, version: int, default_confidence: float) -> Thresholds:
+    own = stored.get((model, version)) or stored.get((model, 0))
+    return own or Thresholds(min_confidence=default_confidence)
+
+
 def thresholds(conn: Connection, model: str, version: int, default_confidence: float) -> Thresholds:
     """The thresholds for ``model`` ``version``: its own row, else the model's, else defaults."""
-    row = conn.execute(
-        "SELECT min_confidence, max_entropy, critical_probability FROM gate_thresholds"
-        " WHERE model = %s AND version IN (%s, 0) ORDER BY version DESC LIMIT 1",
-        (model, version),
-    ).fetchone()
-    if row is None:
-        return Thresholds(min_confidence=default_confidence)
-    return Thresholds(float(row[0]), float(row[1]), float(row[2]))
+    return _resolve(_stored(conn, [model]), model, version, default_confidence)
 
 
 def list_thresholds(conn: Connection, model: str) -> list[dict[str, Any]]:
@@ -164,19 +177,11 @@ def evaluate(
             " FROM results WHERE study_id = %s ORDER BY model, arm, version",
             (study["id"],),
         ).fetchall()
-    # Every threshold row of the models at hand in one query; resolved as ``thresholds`` does.
-    stored = {
-        (str(m), int(v)): Thresholds(float(c), float(e), float(p))
-        for m, v, c, e, p in conn.execute(
-            "SELECT model, version, min_confidence, max_entropy, critical_probability"
-            " FROM gate_thresholds WHERE model = ANY(%s)",
-            (sorted({r["model"] for r in rows}),),
-        ).fetchall()
-    }
+    # Every threshold row of the models at hand in one query, resolved as ``thresholds`` does.
+    stored = _stored(conn, sorted({r["model"] for r in rows}))
 
     def limits(model: str, version: int) -> Thresholds:
-        own = stored.get((model, version)) or stored.get((model, 0))
-        return own or Thresholds(min_confidence=default_confidence)
+        return _resolve(stored, model, version, default_confidence)
 
     live = {(r["model"], r["instance_id"]): r for r in rows if r["arm"] == "live"}
     for r in rows:

@@ -163,7 +163,7 @@ def _check(
             study_uid=study_uid,
             series_uid=series_uid,
             sop_uid=sop_uid,
-            sop_class_uid=str(ds.get("SOPClassUID", "")),
+            sop_class_uid=sop_class_uid,
             transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", ""))
             if hasattr(ds, "file_meta")
             else "",

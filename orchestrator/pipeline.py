@@ -288,6 +288,15 @@ def _describe_analysis(
     return label, confidence, findings.analysis_findings(probs, heat, spec.labels)
 
 
+def _failed_rows(run: _Run) -> list[tuple[UUID, str, str | None, list[str], str | None]]:
+    """``db.finish_instances`` rows for the run's failed instances (with their preview, where
+    one was stored before the model outputs proved unusable)."""
+    return [
+        (iid, "failed", run.failed_previews.get(iid), [], reason)
+        for iid, reason in run.failed.items()
+    ]
+
+
 def _finish(
     ctx: WorkerContext,
     run: _Run,
@@ -307,10 +316,7 @@ def _finish(
             return None
         db.finish_instances(
             conn,
-            [
-                (iid, "failed", run.failed_previews.get(iid), [], reason)
-                for iid, reason in run.failed.items()
-            ]
+            _failed_rows(run)
             + [
                 (p.instance_id, "done", p.preview_key, list(p.warnings), None) for p in run.prepared
             ],
@@ -423,9 +429,7 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
             if claims.release(
                 conn, study_id, token, StudyStatus.FAILED, f"{type(exc).__name__}: {exc}"
             ):
-                db.finish_instances(
-                    conn, [(i, "failed", None, [], r) for i, r in run.failed.items()]
-                )
+                db.finish_instances(conn, _failed_rows(run))
             db.finish_attempt(
                 conn, job_id=job_id, attempt=attempt, outcome="failed", error=str(exc)
             )

@@ -34,7 +34,7 @@ T = TypeVar("T")
 SHARED_MIN_BYTES = 256 * 1024
 # The shared buffer grows to the next multiple of this (fewer re-creations as sizes vary).
 _SHARED_STEP_BYTES = 4 * 2**20
-# The child's attachment to the parent's current buffer: (name, handle).
+# The child's attachment to the parent's current buffer, by name (at most one entry).
 _ATTACHED: dict[str, shared_memory.SharedMemory] = {}
 
 
@@ -109,8 +109,7 @@ def _serve(conn: Connection, memory_mb: int) -> None:
 
 class DecodeSandbox:
     """One spawned child, spoken to over a pipe: the caller sends a call and waits for the
-    answer at most ``timeout_s`` (no executor threads in between: each hand-off between
-    threads cost the busy worker up to a GIL switch interval)."""
+    answer at most ``timeout_s``."""
 
     def __init__(self, *, memory_mb: int, timeout_s: float) -> None:
         self.memory_mb = memory_mb

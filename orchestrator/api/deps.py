@@ -7,6 +7,7 @@ refusal is audited; every accepted caller is rate limited per principal.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -199,33 +200,20 @@ def audit(
 ) -> None:
     """One audit row, in ``conn``'s transaction when given (it commits with the caller's
     work), else in its own."""
-    if conn is not None:
-        _record(conn, request, principal, action, resource_type, resource_id, outcome, detail)
-        return
-    with translate_errors(), services.pool.connection() as own:
-        _record(own, request, principal, action, resource_type, resource_id, outcome, detail)
-
-
-def _record(
-    conn: Connection,
-    request: Request,
-    principal: Principal,
-    action: str,
-    resource_type: str,
-    resource_id: str | None,
-    outcome: str,
-    detail: dict[str, Any] | None,
-) -> None:
-    record(
-        conn,
-        tenant_id=principal.tenant_id,
-        principal_id=principal.key_id,
-        principal=principal.name,
-        action=action,
-        resource_type=resource_type,
-        resource_id=resource_id,
-        outcome=outcome,
-        request_id=request.state.request_id,
-        source_ip=_source(request),
-        detail=detail,
-    )
+    with contextlib.ExitStack() as own:
+        if conn is None:
+            own.enter_context(translate_errors())
+            conn = own.enter_context(services.pool.connection())
+        record(
+            conn,
+            tenant_id=principal.tenant_id,
+            principal_id=principal.key_id,
+            principal=principal.name,
+            action=action,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            outcome=outcome,
+            request_id=request.state.request_id,
+            source_ip=_source(request),
+            detail=detail,
+        )

@@ -164,28 +164,12 @@ def instances(conn: Connection, study_id: UUID) -> list[dict[str, Any]]:
         ).fetchall()
 
 
-def finish_instance(
-    conn: Connection,
-    instance_id: UUID,
-    *,
-    status: str,
-    preview_key: str | None = None,
-    warnings: list[str] | None = None,
-    error: str | None = None,
-) -> None:
-    conn.execute(
-        "UPDATE instances SET status = %s, preview_key = coalesce(%s, preview_key),"
-        " warnings = %s, error = %s WHERE id = %s",
-        (status, preview_key, warnings or [], error, instance_id),
-    )
-
-
 def finish_instances(
     conn: Connection,
     rows: list[tuple[UUID, str, str | None, list[str], str | None]],
 ) -> None:
-    """Many ``finish_instance`` calls in one round trip: (id, status, preview key, warnings,
-    error) each."""
+    """Set instances' final states in one round trip: (id, status, preview key, warnings,
+    error) each; a None preview key keeps the stored one."""
     if not rows:
         return
     with conn.cursor() as cur:
@@ -196,31 +180,20 @@ def finish_instances(
         )
 
 
-_RESULT_INSERT = (
-    "INSERT INTO results (study_id, instance_id, model, version, arm, label, confidence,"
-    " outputs, findings, latency_ms)"
-    " VALUES (%(study_id)s, %(instance_id)s, %(model)s, %(version)s, %(arm)s, %(label)s,"
-    " %(confidence)s, %(outputs)s, %(findings)s, %(latency_ms)s)"
-    " ON CONFLICT (instance_id, model, version) DO NOTHING"
-)
-
-
-def _result_params(fields: dict[str, Any]) -> dict[str, Any]:
-    return {**fields, "outputs": Jsonb(fields["outputs"]), "findings": Jsonb(fields["findings"])}
-
-
 def insert_results(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    """Many ``insert_result`` rows in one round trip (psycopg pipelines ``executemany``)."""
+    """Record model outputs in one round trip (psycopg pipelines ``executemany``); idempotent
+    per (instance, model, version)."""
     if not rows:
         return
     with conn.cursor() as cur:
-        cur.executemany(_RESULT_INSERT, [_result_params(r) for r in rows])
-
-
-def insert_result(conn: Connection, **fields: Any) -> bool:
-    """Record one model output; idempotent per (instance, model, version)."""
-    cur = conn.execute(_RESULT_INSERT, _result_params(fields))
-    return cur.rowcount == 1
+        cur.executemany(
+            "INSERT INTO results (study_id, instance_id, model, version, arm, label, confidence,"
+            " outputs, findings, latency_ms)"
+            " VALUES (%(study_id)s, %(instance_id)s, %(model)s, %(version)s, %(arm)s, %(label)s,"
+            " %(confidence)s, %(outputs)s, %(findings)s, %(latency_ms)s)"
+            " ON CONFLICT (instance_id, model, version) DO NOTHING",
+            [{**r, "outputs": Jsonb(r["outputs"]), "findings": Jsonb(r["findings"])} for r in rows],
+        )
 
 
 def results(

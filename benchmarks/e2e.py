@@ -370,22 +370,21 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def saturation_of(client: httpx.Client, db_url: str, studies: list[list[bytes]]) -> float:
-    """Images/s with every study (one request each) sent as fast as the uploaders go."""
+def saturation_of(
+    client: httpx.Client, db_url: str, studies: list[list[bytes]]
+) -> tuple[float, list[float]]:
+    """Images/s with every study (one request each) sent as fast as the uploaders go, and
+    each study's upload→done latency."""
     with ThreadPoolExecutor(UPLOADERS) as pool:
         ids = list(pool.map(lambda fs: _post(client, fs), studies))
     rows = _wait(db_url, ids)
-    return sum(map(len, studies)) / (max(r[1] for r in rows) - min(r[0] for r in rows))
+    span = max(r[1] for r in rows) - min(r[0] for r in rows)
+    return sum(map(len, studies)) / span, [r[1] - r[0] for r in rows]
 
 
 def saturation(client: httpx.Client, db_url: str, files: list[bytes]) -> tuple[float, list[float]]:
-    with ThreadPoolExecutor(UPLOADERS) as pool:
-        ids = list(pool.map(lambda f: _post(client, [f]), files))
-    rows = _wait(db_url, ids)
-    start = min(r[0] for r in rows)
-    end = max(r[1] for r in rows)
-    latencies = [r[1] - r[0] for r in rows]
-    return len(files) / (end - start), latencies
+    """``saturation_of`` one-image studies."""
+    return saturation_of(client, db_url, [[f] for f in files])
 
 
 def open_loop(client: httpx.Client, db_url: str, files: list[bytes], rate: float) -> list[float]:
@@ -647,7 +646,7 @@ def run(counts: Counts, workers: int) -> Report:
                     images = counts.series * SERIES_SLICES
                     sect = f"e2e {SERIES}, {n_workers} worker(s)"
                     before = cpu_seconds(roles)
-                    rate = saturation_of(client, db_url, series)
+                    rate, _ = saturation_of(client, db_url, series)
                     after = cpu_seconds(roles)
                     spent = {r: (after[r] - before[r]) / images for r in roles}
                     report.add(
@@ -683,7 +682,7 @@ def run(counts: Counts, workers: int) -> Report:
                         makers["ct-512x512-16bit"], max(2, counts.series // 2), SERIES_SLICES
                     )
                     ablation.setdefault((SERIES, label), []).append(
-                        saturation_of(client, db_url, series)
+                        saturation_of(client, db_url, series)[0]
                     )
         for (workload, label), rates in ablation.items():
             report.add(
@@ -717,12 +716,12 @@ def run(counts: Counts, workers: int) -> Report:
                 f"naive loop {name}", "throughput", f"{rate:.1f} img/s (platform {sat / rate:.2f}x)"
             )
             if name == "ct-512x512-16bit":
-                series = report.figures.get(f"sat:{SERIES}:{workers}", float("nan"))
+                series_rate = report.figures.get(f"sat:{SERIES}:{workers}", float("nan"))
                 report.figures[f"naive:{SERIES}"] = rate
                 report.add(
                     f"naive loop {name}",
                     f"vs the platform on {SERIES_SLICES}-slice series",
-                    f"platform {series / rate:.2f}x",
+                    f"platform {series_rate / rate:.2f}x",
                 )
     return report
 

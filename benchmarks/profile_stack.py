@@ -160,7 +160,7 @@ def main() -> None:
             psutil.cpu_times(),
             time.monotonic(),
         )
-        rate = saturation_of(client, db_url, studies)
+        rate, _ = saturation_of(client, db_url, studies)
         pg1, cpu1, m1, t1 = (
             _pg_counters(db_url),
             cpu_seconds(roles),

@@ -102,17 +102,32 @@ class _Clock:
 
 
 def _decode(
-    ctx: WorkerContext, data: bytes, spec: preprocess.PreprocessSpec, shape: tuple[int, int, int]
+    ctx: WorkerContext,
+    data: bytes,
+    transfer_syntax_uid: str | None,
+    spec: preprocess.PreprocessSpec,
+    shape: tuple[int, int, int],
 ) -> preprocess.Preprocessed:
-    """Bytes → tensor + preview, in the decode sandbox when the worker has one."""
-    limits = {
-        "max_pixels": ctx.settings.max_pixels,
-        "preview_max_size": ctx.settings.preview_max_size,
-        "preview_quality": ctx.settings.preview_quality,
-    }
-    if ctx.sandbox is not None:
-        return ctx.sandbox.run(data, spec, shape, **limits)
-    return sandbox.decode(data, spec, shape, **limits)
+    """Bytes → tensor + preview: in the decode sandbox when the worker has one and a codec
+    would decode the pixel data (or ``decode_isolation_uncompressed``), else in-process."""
+    s = ctx.settings
+    limits = (s.max_pixels, s.preview_max_size, s.preview_quality)
+    box = ctx.sandbox
+    if box is None:
+        return sandbox.decode(data, spec, shape, *limits)
+    if not s.decode_isolation_uncompressed and not sandbox.needs_codec(transfer_syntax_uid):
+        try:
+            return sandbox.decode(data, spec, shape, *limits, native_only=True)
+        except sandbox.CodecNeeded:
+            pass  # the file says otherwise than its instance row: the sandbox decides
+    return box.run(
+        data,
+        spec,
+        shape,
+        max_pixels=s.max_pixels,
+        preview_max_size=s.preview_max_size,
+        preview_quality=s.preview_quality,
+    )
 
 
 def _prepare(
@@ -137,7 +152,13 @@ def _prepare(
         clock.add("fetch", t0)
         t0 = time.perf_counter()
         try:
-            out = _decode(ctx, data, pp_spec, (int(shape[0]), int(shape[1]), int(shape[2])))
+            out = _decode(
+                ctx,
+                data,
+                row["transfer_syntax_uid"],
+                pp_spec,
+                (int(shape[0]), int(shape[1]), int(shape[2])),
+            )
         except preprocess.PreprocessError as exc:
             clock.add("preprocess", t0)
             failed[row["id"]] = f"{exc.category}: {exc}"

@@ -7,6 +7,11 @@ under an address-space limit, and waits for it at most ``timeout_s``. A crash, a
 memory limit or a timeout costs that one instance (a ``PreprocessError`` with its own
 category) and a fresh child for the next; the worker process carries on.
 
+Only pixel data that a codec decodes needs it: uncompressed pixel data (the three native
+transfer syntaxes) is read by numpy straight from the file's bytes after the same checks, so
+``needs_codec`` tells the caller which files may be decoded in-process (``decode`` with
+``native_only``), which saves the round trip to the child (CT slices: 10-25 % throughput).
+
 The child is reused between files: spawning costs ~0.5 s. Originals larger than
 ``SHARED_MIN_BYTES`` reach the child through a shared-memory buffer the sandbox keeps (one
 copy in, no pickling through the pipe: for a 10 MB radiograph that was ~25 ms of the ~32 ms a
@@ -24,6 +29,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar, cast
 
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
 from preprocess.errors import DecoderCrashedError, DecodeTimeoutError, ImageTooLargeError
 from preprocess.pipeline import Preprocessed, PreprocessSpec, preprocess
 from preprocess.reader import check_image, read_dicom
@@ -36,6 +43,20 @@ SHARED_MIN_BYTES = 256 * 1024
 _SHARED_STEP_BYTES = 4 * 2**20
 # The child's attachment to the parent's current buffer, by name (at most one entry).
 _ATTACHED: dict[str, shared_memory.SharedMemory] = {}
+
+
+# Transfer syntaxes whose pixel data no codec decodes (numpy reads it as it is).
+NATIVE_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian})
+
+
+class CodecNeeded(Exception):
+    """``decode(native_only=True)`` met pixel data a codec would decode: use the sandbox."""
+
+
+def needs_codec(transfer_syntax_uid: str | None) -> bool:
+    """True unless the file declares one of the native (uncompressed) transfer syntaxes;
+    an unknown or missing one counts as needing a codec."""
+    return transfer_syntax_uid not in NATIVE_SYNTAXES
 
 
 def _limit_memory(memory_mb: int) -> None:
@@ -51,10 +72,16 @@ def decode(
     max_pixels: int,
     preview_max_size: int,
     preview_quality: int,
+    *,
+    native_only: bool = False,
 ) -> Preprocessed:
-    """What the child runs (also usable in-process): bytes → model tensor + preview."""
+    """What the child runs (also usable in-process): bytes → model tensor + preview.
+    ``native_only`` (in-process use) raises ``CodecNeeded`` before decoding pixel data that
+    is not in a native transfer syntax."""
     try:
         ds = read_dicom(data)
+        if native_only and needs_codec(ds.file_meta.get("TransferSyntaxUID")):
+            raise CodecNeeded(str(ds.file_meta.get("TransferSyntaxUID", "")))
         check_image(ds, max_pixels=max_pixels)
         return preprocess(
             ds, spec, shape, preview_max_size=preview_max_size, preview_quality=preview_quality

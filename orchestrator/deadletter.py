@@ -74,13 +74,16 @@ def requeue(
                 "SELECT study_id FROM dead_letters WHERE study_id = ANY(%s)", (study_ids,)
             ).fetchall()
         ids = [UUID(str(r[0])) for r in rows]
+        stat: set[UUID] = set()
         for study_id in ids:
             conn.execute("DELETE FROM dead_letters WHERE study_id = %s", (study_id,))
-            conn.execute(
+            moved = conn.execute(
                 "UPDATE studies SET status = 'queued', error = NULL, queued_at = now(),"
-                " updated_at = now() WHERE id = %s AND status = 'failed'",
+                " updated_at = now() WHERE id = %s AND status = 'failed' RETURNING priority",
                 (study_id,),
-            )
+            ).fetchone()
+            if moved is not None and moved[0] == "stat":
+                stat.add(study_id)
             conn.execute(
                 "INSERT INTO jobs (id, study_id, stage, status) VALUES (%s, %s, %s, 'queued')"
                 " ON CONFLICT (id) DO UPDATE SET status = 'queued', attempts = 0,"
@@ -90,5 +93,7 @@ def requeue(
     # After the commit: if Redis fails here the studies are 'queued' in PostgreSQL and the
     # reconciler enqueues them.
     for study_id in ids:
-        jobqueue.requeue_study(redis, queue_name, study_id, job_timeout_s=job_timeout_s)
+        jobqueue.requeue_study(
+            redis, queue_name, study_id, job_timeout_s=job_timeout_s, at_front=study_id in stat
+        )
     return ids

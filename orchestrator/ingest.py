@@ -424,10 +424,9 @@ def queue_study(
     """Mark the study queued and enqueue its job. A study already finished is re-run for new
     instances (results are idempotent per instance and model version)."""
     with translate_errors(), pool.connection() as conn:
-        db.set_status(
+        priority = db.mark_queued(
             conn,
             study_id,
-            StudyStatus.QUEUED,
             expected=(
                 StudyStatus.RECEIVED,
                 StudyStatus.DONE,
@@ -437,11 +436,9 @@ def queue_study(
         )
         jid = jobqueue.job_id(study_id)
         db.upsert_job(conn, job_id=jid, study_id=study_id, stage=jobqueue.STAGE_PROCESS)
-        row = conn.execute("SELECT priority FROM studies WHERE id = %s", (study_id,)).fetchone()
     # STAT studies jump the queue (and reach Triton at its highest priority, pipeline.py).
-    stat = row is not None and row[0] == "stat"
     enqueued = jobqueue.enqueue_study(
-        redis, queue_name, study_id, job_timeout_s=job_timeout_s, at_front=stat
+        redis, queue_name, study_id, job_timeout_s=job_timeout_s, at_front=priority == "stat"
     )
     if not enqueued and job_running(redis, study_id):
         # The running job listed the study's instances when it started and would miss the

@@ -75,16 +75,19 @@ def enqueue_study(
     return True
 
 
-def requeue_study(redis: Redis, queue_name: str, study_id: UUID, *, job_timeout_s: int) -> None:
+def requeue_study(
+    redis: Redis, queue_name: str, study_id: UUID, *, job_timeout_s: int, at_front: bool = False
+) -> None:
     """Drop whatever is left of the study's job (an abandoned start, a failure record) and
-    queue it afresh. For the reconciler and ``medtriage requeue``; safe because runs are
-    idempotent and only the newest run's claim can finish the study."""
+    queue it afresh (``at_front`` for STAT studies, as ``enqueue_study``). For the reconciler
+    and ``medtriage requeue``; safe because runs are idempotent and only the newest run's
+    claim can finish the study."""
     try:
         with contextlib.suppress(NoSuchJobError):
             Job.fetch(job_id(study_id), connection=redis).delete(remove_from_queue=True)
     except RedisError as exc:
         raise DependencyUnavailable("redis", type(exc).__name__) from exc
-    enqueue_study(redis, queue_name, study_id, job_timeout_s=job_timeout_s)
+    enqueue_study(redis, queue_name, study_id, job_timeout_s=job_timeout_s, at_front=at_front)
 
 
 def queue_depth(redis: Redis, queue_name: str) -> int:

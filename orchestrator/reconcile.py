@@ -128,17 +128,21 @@ def reconcile_once(pool: ConnectionPool, redis: Redis, settings: CommonSettings)
             # the ingest died before writing it.
             touched = conn.execute(
                 "UPDATE studies SET updated_at = now() WHERE id = %s"
-                " AND status IN ('received', 'queued', 'processing')",
+                " AND status IN ('received', 'queued', 'processing') RETURNING priority",
                 (study_id,),
-            ).rowcount
+            ).fetchone()
             conn.execute(
                 "INSERT INTO jobs (id, study_id, stage, status) VALUES (%s, %s, %s, 'queued')"
                 " ON CONFLICT (id) DO NOTHING",
                 (jobqueue.job_id(study_id), study_id, jobqueue.STAGE_PROCESS),
             )
-        if touched:
+        if touched is not None:
             jobqueue.requeue_study(
-                redis, settings.queue_name, study_id, job_timeout_s=settings.job_timeout_s
+                redis,
+                settings.queue_name,
+                study_id,
+                job_timeout_s=settings.job_timeout_s,
+                at_front=touched[0] == "stat",
             )
             result.requeued.append(study_id)
             log.warning("study %s requeued (job %s)", study_id, state)

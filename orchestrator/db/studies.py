@@ -114,6 +114,20 @@ def set_status(
     return cur.rowcount == 1
 
 
+def mark_queued(
+    conn: Connection, study_id: UUID, *, expected: tuple[StudyStatus, ...]
+) -> str | None:
+    """``set_status(QUEUED)`` that also returns the study's priority, moved or not (one
+    statement: the queue needs the priority either way); None when there is no such study."""
+    row = conn.execute(
+        "WITH moved AS (UPDATE studies SET status = %s, error = NULL, updated_at = now(),"
+        " queued_at = now() WHERE id = %s AND status = ANY(%s) RETURNING id)"
+        " SELECT priority FROM studies WHERE id = %s",
+        (StudyStatus.QUEUED.value, study_id, [s.value for s in expected], study_id),
+    ).fetchone()
+    return str(row[0]) if row is not None else None
+
+
 def merge_timings(conn: Connection, study_id: UUID, timings: dict[str, float]) -> None:
     conn.execute(
         "UPDATE studies SET timings = timings || %s WHERE id = %s",

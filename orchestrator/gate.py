@@ -157,6 +157,7 @@ def _probabilities(outputs: dict[str, Any], output_name: str | None) -> np.ndarr
 def evaluate(
     conn: Connection,
     study: dict[str, Any],
+    results: list[dict[str, Any]],
     *,
     failed: dict[UUID, str],
     warnings: dict[UUID, tuple[str, ...]],
@@ -164,19 +165,15 @@ def evaluate(
     default_confidence: float,
     triage_model: str = "triage",
 ) -> Decision:
-    """Decide review for a processed study from its stored results.
+    """Decide review for a processed study from its stored ``results`` (every arm, as
+    ``db.studies.results(include_shadow=True)`` reads them).
 
     ``prob_outputs`` names each model's class-probability output tensor (from config.pbtxt).
     Low confidence and entropy are judged on the triage model's live arm; critical findings
     on any model's live findings; shadow disagreement on every model.
     """
     decision = Decision()
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
-            "SELECT instance_id, model, version, arm, label, confidence, outputs, findings"
-            " FROM results WHERE study_id = %s ORDER BY model, arm, version",
-            (study["id"],),
-        ).fetchall()
+    rows = sorted(results, key=lambda r: (r["model"], r["arm"], r["version"]))
     # Every threshold row of the models at hand in one query, resolved as ``thresholds`` does.
     stored = _stored(conn, sorted({r["model"] for r in rows}))
 

@@ -333,7 +333,8 @@ def _finish(
     study_id = run.study["id"]
     t0 = time.perf_counter()
     with ctx.pool.connection() as conn:
-        if not claims.hold(conn, study_id, token):
+        study = claims.hold(conn, study_id, token)
+        if study is None:
             return None
         db.finish_instances(
             conn,
@@ -343,6 +344,8 @@ def _finish(
             ],
         )
         db.insert_results(conn, run.results)
+        # Every stored result of the study (shadows too): the gate's input and the report's.
+        stored = db.results(conn, study_id, include_shadow=True)
         error: str | None = None
         if not run.prepared:
             final = StudyStatus.FAILED
@@ -356,6 +359,7 @@ def _finish(
             decision = gate.evaluate(
                 conn,
                 run.study,
+                stored,
                 failed=run.failed,
                 warnings={p.instance_id: p.warnings for p in run.prepared},
                 prob_outputs={m: spec.outputs[0].name for m, spec in ctx.models.items()},
@@ -365,10 +369,8 @@ def _finish(
             final = StudyStatus.NEEDS_REVIEW if decision.reasons else StudyStatus.DONE
             if decision.reasons:
                 review.open_case(conn, run.study, decision)
-        study = db.get_study(conn, study_id, tenant_id=None)
-        assert study is not None
         rows = db.instances(conn, study_id)
-        res = db.results(conn, study_id)
+        res = [r for r in stored if r["arm"] == "live"]
         case = db.review_case(conn, study_id)
         revision = claims.next_revision(conn, study_id)
         clock.add("report", t0)
@@ -380,8 +382,7 @@ def _finish(
             lambda: ctx.store.put(key, body, content_type="application/json"), what="store.put"
         )
         db.insert_report(conn, study_id=study_id, revision=revision, fmt="json", object_key=key)
-        db.merge_timings(conn, study_id, clock.timings)
-        claims.release(conn, study_id, token, final, error)
+        claims.release(conn, study_id, token, final, error, timings=clock.timings)
         # Queued in the same transaction: exactly one notice per report, sent off this thread.
         webhooks.emit(
             conn,
@@ -409,15 +410,15 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
     clock = _Clock()
     started = time.perf_counter()
     with ctx.pool.connection() as conn:
-        study = db.get_study(conn, study_id, tenant_id=None)
-        if study is None:
-            log.warning("job %s: study %s no longer exists", job_id, study_id)
-            return "missing"
         # A fresh claim per run: only the newest run may write the report and final state.
         claimed = claims.claim(conn, study_id)
         if claimed is None:
-            return str(study["status"])
-        token = claimed.token
+            current = db.get_study(conn, study_id, tenant_id=None)
+            if current is None:
+                log.warning("job %s: study %s no longer exists", job_id, study_id)
+                return "missing"
+            return str(current["status"])
+        study, token = claimed.study, claimed.token
         if claimed.queue_wait_ms is not None:
             clock.timings["queue_wait"] = claimed.queue_wait_ms
         attempt = db.start_attempt(conn, job_id=job_id, worker=ctx.worker_name)

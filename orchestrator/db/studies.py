@@ -26,7 +26,7 @@ class StudyStatus(str, Enum):
 
 TERMINAL = (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.NEEDS_REVIEW)
 
-_STUDY_COLUMNS = (
+STUDY_COLUMNS = (
     "id, tenant_id, study_uid, status, priority, created_at, updated_at, queued_at,"
     " started_at, finished_at, error, timings"
 )
@@ -128,22 +128,15 @@ def mark_queued(
     return str(row[0]) if row is not None else None
 
 
-def merge_timings(conn: Connection, study_id: UUID, timings: dict[str, float]) -> None:
-    conn.execute(
-        "UPDATE studies SET timings = timings || %s WHERE id = %s",
-        (Jsonb({k: round(v, 2) for k, v in timings.items()}), study_id),
-    )
-
-
 def get_study(conn: Connection, study_id: UUID, *, tenant_id: UUID | None) -> dict[str, Any] | None:
     """One study; scoped to ``tenant_id`` unless None (workers act for every tenant)."""
     with conn.cursor(row_factory=dict_row) as cur:
         if tenant_id is None:
             return cur.execute(
-                f"SELECT {_STUDY_COLUMNS} FROM studies WHERE id = %s", (study_id,)
+                f"SELECT {STUDY_COLUMNS} FROM studies WHERE id = %s", (study_id,)
             ).fetchone()
         return cur.execute(
-            f"SELECT {_STUDY_COLUMNS} FROM studies WHERE id = %s AND tenant_id = %s",
+            f"SELECT {STUDY_COLUMNS} FROM studies WHERE id = %s AND tenant_id = %s",
             (study_id, tenant_id),
         ).fetchone()
 
@@ -158,7 +151,7 @@ def list_studies(
             f"SELECT count(*) AS n FROM studies WHERE {where}", params
         ).fetchone()
         rows = cur.execute(
-            f"SELECT {_STUDY_COLUMNS},"
+            f"SELECT {STUDY_COLUMNS},"
             " (SELECT count(*) FROM instances i WHERE i.study_id = studies.id) AS instance_count"
             f" FROM studies WHERE {where} ORDER BY created_at DESC, id LIMIT %s OFFSET %s",
             [*params, limit, offset],

@@ -13,6 +13,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from orchestrator import gate
+from orchestrator.db import studies as db
 
 pytestmark = pytest.mark.integration
 
@@ -95,6 +96,7 @@ def _evaluate(
     return gate.evaluate(
         conn,
         study,
+        db.results(conn, study["id"], include_shadow=True),
         failed=failed or {},
         warnings=warnings or {},
         prob_outputs={"triage": PROBS, "analysis": PROBS},

@@ -227,7 +227,9 @@ ABLATION: dict[str, dict[str, str]] = {
     "with the dynamic batcher in the local Triton": {
         "MEDTRIAGE_TRITON_LOCAL_DYNAMIC_BATCHING": "true"
     },
-    "before: pool check per checkout": {"MEDTRIAGE_DB_CHECK_AFTER_S": "0"},
+    "uncompressed pixel data decoded in the sandbox too (the default until 2026-11-29)": {
+        "MEDTRIAGE_DECODE_ISOLATION_UNCOMPRESSED": "true"
+    },
     "with asynchronous worker commits (not the default)": {
         "MEDTRIAGE_WORKER_SYNCHRONOUS_COMMIT": "false"
     },

@@ -3,7 +3,9 @@
 
 The API subscribes to the Redis channels workers publish on (orchestrator/events.py) and
 relays them. It subscribes *before* reading the study's stored state, so no stage change
-can fall between the snapshot it sends first and the live events that follow.
+can fall between the snapshot it sends first and the live events that follow. Database work
+(the study check, the audit row, the snapshot) runs in the thread pool, never on the event
+loop that every other request shares.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from uuid import UUID
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from redis.asyncio import Redis as AsyncRedis
+from starlette.concurrency import run_in_threadpool
 
 from orchestrator import events
 from orchestrator.api.deps import Reader, ServicesDep, audit
@@ -49,7 +52,7 @@ async def _relay(
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     try:
         await pubsub.subscribe(channel)
-        chunks, finished = first()
+        chunks, finished = await run_in_threadpool(first)
         for chunk in chunks:
             yield chunk
         if until_terminal and finished:
@@ -88,17 +91,20 @@ async def study_events(
             status in events.TERMINAL_STATUSES
         )
 
-    with translate_errors(), services.pool.connection() as conn:
-        if db.get_study(conn, study_id, tenant_id=principal.tenant_id) is None:
-            raise NotFound(f"study {study_id} not found")
-    audit(
-        request,
-        services,
-        principal,
-        action="study.events",
-        resource_type="study",
-        resource_id=str(study_id),
-    )
+    def check() -> None:
+        with translate_errors(), services.pool.connection() as conn:
+            if db.get_study(conn, study_id, tenant_id=principal.tenant_id) is None:
+                raise NotFound(f"study {study_id} not found")
+        audit(
+            request,
+            services,
+            principal,
+            action="study.events",
+            resource_type="study",
+            resource_id=str(study_id),
+        )
+
+    await run_in_threadpool(check)
     channel = events.study_channel(settings.queue_prefix, study_id)
     return StreamingResponse(
         _relay(request, settings.redis_url, channel, snapshot, until_terminal=True),
@@ -117,8 +123,14 @@ async def tenant_events(
     def hello() -> tuple[list[bytes], bool]:
         return [_sse("hello", {"tenant_feed": True})], False
 
-    audit(
-        request, services, principal, action="events.feed", resource_type="study", resource_id=None
+    await run_in_threadpool(
+        audit,
+        request,
+        services,
+        principal,
+        action="events.feed",
+        resource_type="study",
+        resource_id=None,
     )
     return StreamingResponse(
         _relay(request, settings.redis_url, channel, hello, until_terminal=False),

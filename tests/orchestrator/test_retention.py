@@ -118,9 +118,9 @@ def test_purge_removes_expired_studies_everywhere_and_nothing_else(
         for client, sid in ((c, expired), (c, held), (k, other)):
             _wait(client, sid)
     redis = Redis.from_url(redis_url)
-    # A finished job leaves nothing in Redis (queue.RESULT_TTL_S = 0); a failed or retried one
-    # does (its job hash, a registry entry) until failure_ttl. Leave what it would for the
-    # expired study, so the purge has Redis keys to remove.
+    # A finished job leaves its keys for queue.RESULT_TTL_S only; a failed or retried one
+    # leaves them (its job hash, a registry entry) until failure_ttl. Leave what it would for
+    # the expired study, so the purge has Redis keys to remove whenever it runs.
     jid = jobqueue.job_id(UUID(expired))
     redis.hset(f"rq:job:{jid}", mapping={"status": "failed", "description": "test"})
     redis.zadd("rq:failed:medtriage-retention-test", {jid: time.time()})

@@ -692,6 +692,7 @@ def run(counts: Counts, workers: int) -> Report:
                         f"{rate:.1f} img/s (efficiency {rate / ideal:.2f} of the CT ideal)",
                     )
                     report.figures[f"sat:{SERIES}:{n_workers}"] = rate
+                    report.figures[f"ideal:{SERIES}"] = ideal  # the same images
             finally:
                 sampler.stop()
             for role, mb in sampler.peak.items():

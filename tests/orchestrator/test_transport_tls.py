@@ -5,18 +5,20 @@
   Triton serves plaintext and is shared) is reached with the CA, refused without it, and
   mutual TLS works with the client certificate only;
 - Redis through ``rediss://`` URLs (no code of ours needed): a real redis-server started
-  here with TLS only, reached by the queue's connection helpers.
-
-PostgreSQL takes ``sslmode=verify-full&sslrootcert=...`` in MEDTRIAGE_DATABASE_URL (libpq);
-the shared test server has no certificate, so that path is documented, not tested here.
+  here with TLS only, reached by the queue's connection helpers;
+- PostgreSQL through ``sslmode=verify-full&sslrootcert=...`` in the database URL (libpq): a
+  real PostgreSQL cluster made here (initdb) that accepts TLS connections only, migrated and
+  used through the platform's pool.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 import redis
 from cryptography import x509
@@ -34,6 +37,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from orchestrator import queue as jobqueue
+from orchestrator.db import connect_pool, upgrade
 from orchestrator.inference import TritonInference
 from orchestrator.model_control import TritonControl
 from orchestrator.security.tls import GrpcTls
@@ -41,6 +45,7 @@ from orchestrator.settings import WorkerSettings
 from orchestrator.stack import free_port
 
 REDIS_START_TIMEOUT_S = 10.0
+POSTGRES_START_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -252,3 +257,91 @@ def test_redis_over_tls(tls_redis: int, pki: Pki, other_ca: Pki) -> None:
     stranger = f"rediss://127.0.0.1:{tls_redis}/0?ssl_ca_certs={other_ca.ca}&ssl_cert_reqs=required"
     with pytest.raises(redis.ConnectionError):
         jobqueue.connect(stranger).ping()
+
+
+def _postgres_bin(name: str) -> str:
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    assert found, f"PostgreSQL's {name} is not installed (the CI machine's postgresql package)"
+    return str(found[-1])
+
+
+@pytest.fixture(scope="module")
+def tls_postgres(pki: Pki) -> Iterator[int]:
+    """A throwaway PostgreSQL cluster that takes TLS connections only (pg_hba: hostssl)."""
+    work = Path(tempfile.mkdtemp(prefix="medtriage-pg-tls-"))
+    data = work / "data"
+    shutil.copy(pki.server_cert, work / "server.pem")
+    shutil.copy(pki.server_key, work / "server.key")
+    os.chmod(work / "server.key", 0o600)
+    # initdb and postgres refuse to run as root: as root, run them as the postgres user.
+    user: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        user = {"user": "postgres", "group": "postgres", "env": {**os.environ, "HOME": str(work)}}
+        for path in (work, work / "server.pem", work / "server.key"):
+            shutil.chown(path, "postgres", "postgres")
+    subprocess.run(
+        [_postgres_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+        **user,
+    )
+    (data / "pg_hba.conf").write_text(
+        "hostssl all all 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 reject\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            _postgres_bin("postgres"), "-D", str(data), "-p", str(port), "-k", str(work),
+            "-c", "listen_addresses=127.0.0.1", "-c", "ssl=on",
+            "-c", f"ssl_cert_file={work / 'server.pem'}",
+            "-c", f"ssl_key_file={work / 'server.key'}",
+            "-c", "fsync=off", "-c", "shared_buffers=16MB",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        **user,
+    )  # fmt: skip
+    url = _pg_url(port, pki.ca)
+    deadline = time.monotonic() + POSTGRES_START_TIMEOUT_S
+    while True:
+        assert proc.poll() is None, "PostgreSQL with TLS did not start"
+        try:
+            psycopg.connect(url, connect_timeout=2).close()
+            break
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline, "PostgreSQL with TLS did not answer"
+            time.sleep(0.2)
+    yield port
+    proc.terminate()
+    proc.wait(timeout=30)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _pg_url(port: int, ca: Path, mode: str = "verify-full") -> str:
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres?sslmode={mode}&sslrootcert={ca}"
+
+
+def test_postgresql_over_tls(tls_postgres: int, pki: Pki, other_ca: Pki) -> None:
+    url = _pg_url(tls_postgres, pki.ca)
+    # The platform's own paths: migrations, then the pool the API and workers use.
+    assert "0001_initial.sql" in upgrade(url)
+    pool = connect_pool(url, max_size=2)
+    pool.open(wait=True)
+    try:
+        with pool.connection() as conn:
+            ssl = conn.execute(
+                "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            ).fetchone()
+            assert ssl is not None and ssl[0] is True, ssl
+            assert ssl[1] in ("TLSv1.2", "TLSv1.3")
+            tenant = conn.execute(
+                "INSERT INTO tenants (name) VALUES ('tls') RETURNING name"
+            ).fetchone()
+        assert tenant == ("tls",)
+    finally:
+        pool.close()
+    # Plaintext (refused by the server), or a server signed by a CA we do not trust.
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(_pg_url(tls_postgres, pki.ca, "disable"), connect_timeout=5)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(_pg_url(tls_postgres, other_ca.ca), connect_timeout=5)

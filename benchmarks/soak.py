@@ -30,7 +30,15 @@ import numpy as np
 import psutil
 import psycopg
 
-from benchmarks.e2e import RESULTS, _corpus, _post, bench_stack, saturation, workloads
+from benchmarks.e2e import (
+    RESULTS,
+    _corpus,
+    _post,
+    _restudied,
+    bench_stack,
+    saturation,
+    workloads,
+)
 from orchestrator.settings import REPO_ROOT
 
 SAMPLE_S = 10.0
@@ -115,7 +123,7 @@ def run(minutes: float, share: float, workers: int) -> Path:
             "triton": [stack.triton.pid or 0],
         }
         sat, _ = saturation(
-            client, db_url, [_fresh(files[i % len(files)]) for i in range(SATURATION_STUDIES)]
+            client, db_url, [_restudied(files[i % len(files)]) for i in range(SATURATION_STUDIES)]
         )
         rate = sat * share
         print(
@@ -148,7 +156,7 @@ def run(minutes: float, share: float, workers: int) -> Path:
                     delay = t0 + i / rate - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
-                    pool.submit(send, _fresh(files[i % len(files)]))
+                    pool.submit(send, _restudied(files[i % len(files)]))
                     with state.lock:
                         state.sent += 1
                     i += 1
@@ -196,22 +204,6 @@ def run(minutes: float, share: float, workers: int) -> Path:
                 "SELECT count(*) FROM studies WHERE status = 'failed'"
             ).fetchone()[0]  # type: ignore[index]
     return _write(samples, sat, share, minutes, workers, state, int(open_n), int(failed))
-
-
-def _fresh(data: bytes) -> bytes:
-    """The same pixels as a new study (new UIDs), so nothing is a duplicate."""
-    import io
-
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    ds = pydicom.dcmread(io.BytesIO(data))
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def _write(

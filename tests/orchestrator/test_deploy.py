@@ -4,10 +4,13 @@ rules querying only metrics the real stack exports, and the compose file's prope
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -252,3 +255,61 @@ def test_compose_keeps_secrets_in_env_files(compose: dict[str, Any]) -> None:
         ["git", "ls-files", ".env"], cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert tracked.stdout.strip() == ""
+
+
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+
+
+def test_the_compose_build_has_a_dockerfile_for_the_serving_path(compose: dict[str, Any]) -> None:
+    builds = {s["build"] for s in compose["services"].values() if "build" in s}
+    assert builds == {"."}
+    text = DOCKERFILE.read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # The serving path only (no training extra, hence no torch), as a user other than root,
+    # with the system library the JPEG 2000 shortcut needs.
+    installs = [line for line in lines if "pip install" in line]
+    assert installs == ["RUN pip install . && rm -rf /src"]
+    assert not any("torch" in line or "[training" in line for line in lines if line[0] != "#")
+    user = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert user and user[-1] not in ("root", "0")
+    assert "libopenjp2-7" in text
+    for line in lines:
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                assert (REPO_ROOT / src).exists(), f"{src} copied by the Dockerfile is missing"
+
+
+def test_a_plain_install_carries_what_the_serving_path_reads(tmp_path: Path) -> None:
+    """What the image's `pip install .` puts in site-packages (a wheel of the project, not
+    the editable checkout): migrations, the Triton template and the report schema load."""
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path / "wheel"), str(REPO_ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheel").glob("medtriage-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(site)
+    probe = (
+        "import json, orchestrator, preprocess.j2k\n"
+        "from importlib import resources\n"
+        "from orchestrator.db import migrate\n"
+        f"assert orchestrator.__file__.startswith({str(site)!r}), orchestrator.__file__\n"
+        "root = resources.files('orchestrator')\n"
+        "print(len(list((root / 'db' / 'migrations').glob('*.sql'))))\n"
+        "assert (root / 'triton' / 'model.py.tmpl').read_text().startswith('\"\"\"')\n"
+        "json.loads((root / 'reports' / 'report.schema.json').read_text())\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    shipped = sorted(p.name for p in (REPO_ROOT / "orchestrator/db/migrations").glob("*.sql"))
+    assert int(ran.stdout.strip()) == len(shipped)

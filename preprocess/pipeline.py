@@ -3,7 +3,8 @@
 decode one frame → downsample to preview size (integer or float32, INTER_AREA) → modality
 LUT → VOI window → MONOCHROME1 inversion → colour → preview JPEG; then resize to the model
 input, normalise. Full-size float work and full-size sorts are avoided: a 2048×2500 16-bit
-radiograph is reduced to ≤512 px before any float conversion.
+radiograph is reduced to ≤512 px before any float conversion, and a JPEG 2000 one is not
+even decoded beyond the resolution level that keeps those ≥512 px (preprocess/j2k.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydicom.pixels.processing import apply_color_lut
 
 from preprocess.decode import decode_frame, frame_policy, is_lossy, transfer_syntax
 from preprocess.errors import DecodeError, MalformedImageError
+from preprocess.j2k import decode_reduced
 from preprocess.window import modality, voi
 
 # Longest side of the JPEG preview, and its quality.
@@ -203,7 +205,10 @@ def _preprocess(
 ) -> Preprocessed:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     index = frame_policy(frames)
-    arr = decode_frame(ds, index, frames)
+    # JPEG 2000 stops at the resolution kept below (preprocess/j2k.py); else a full decode.
+    arr = decode_reduced(ds, index, frames, keep=preview_max_size)
+    if arr is None:
+        arr = decode_frame(ds, index, frames)
     warnings: list[str] = []
     if frames > 1:
         warnings.append(f"frames_dropped:{frames - 1}")

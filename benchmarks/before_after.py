@@ -7,7 +7,9 @@ The earlier commit is checked out into a temporary git worktree and put first on
 PYTHONPATH for its runs, so the API, the workers and the benchmark client all run its code
 (same virtual environment, same Triton, same PostgreSQL and Redis). Each run measures
 saturation throughput and the CPU each process spent per image (``measure`` below, which
-uses only helpers both trees have). Writes ``benchmarks/results/before-after-<date>.md``.
+uses only helpers both trees have). Writes ``benchmarks/results/before-after-<date>.md``;
+with ``--only WORKLOAD`` (e.g. the JPEG 2000 radiographs, not in the default three) only
+those, to ``before-after-<date>-<workload>.md``.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 # (name, benchmarks.e2e workload, images per study, studies): one-image CT studies (the worst
 # case for per-study costs), 32-slice CT series sent as one request each, and one-image
-# uncompressed radiographs (10 MB each: the cost of moving bytes).
+# uncompressed radiographs (10 MB each: the cost of moving bytes); by name (--only), JPEG 2000
+# radiographs (the cost of decoding).
 WORKLOADS = (
     ("ct, 1 image per study", "ct-512x512-16bit", 1, 150),
     ("ct, 32-slice series per study", "ct-512x512-16bit", 32, 10),
     ("radiograph 2048x2500, 1 per study", "rx-2048x2500-16bit", 1, 30),
 )
+ON_REQUEST = (("radiograph 2048x2500 JPEG 2000, 1 per study", "rx-2048x2500-j2k", 1, 20),)
 
 
 def measure(workload: str, per_study: int, studies: int, workers: int) -> dict[str, float]:
@@ -116,7 +120,14 @@ def main() -> None:
     ap.add_argument("--before", required=True, help="git ref of the 'before' code")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--only",
+        action="append",
+        choices=[w[0] for w in WORKLOADS + ON_REQUEST],
+        help="these workloads (repeatable) instead of the default three",
+    )
     args = ap.parse_args()
+    chosen = [w for w in WORKLOADS + ON_REQUEST if w[0] in args.only] if args.only else WORKLOADS
     before = _worktree(args.before)
     head = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
@@ -135,7 +146,7 @@ def main() -> None:
     }
     runs: dict[tuple[str, str], list[dict[str, float]]] = {}
     try:
-        for name, workload, per_study, studies in WORKLOADS:
+        for name, workload, per_study, studies in chosen:
             for i in range(args.rounds):
                 for label, tree in trees.items():
                     r = _run(tree, workload, per_study, studies, args.workers)
@@ -151,7 +162,9 @@ def main() -> None:
     lines = [
         f"# Before/after, {datetime.now(UTC).isoformat(timespec='seconds')}",
         "",
-        f"`python -m benchmarks.before_after --before {args.before} --rounds {args.rounds}`;"
+        f"`python -m benchmarks.before_after --before {args.before} --rounds {args.rounds}"
+        + "".join(f" --only '{o}'" for o in args.only or [])
+        + "`;"
         f" {args.workers} workers, {os.cpu_count()} cores, runs alternated; medians (all runs"
         " in brackets). CPU per image by process, ms.",
         "",
@@ -172,7 +185,9 @@ def main() -> None:
             + f" | {total:.1f} | {med('machine_busy'):.0%} |"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"before-after-{datetime.now(UTC).strftime('%Y-%m-%d')}.md"
+    # A run of chosen workloads is named after them, so it never replaces the default run's file.
+    suffix = "".join(f"-{w[1]}" for w in chosen) if args.only else ""
+    out = RESULTS / f"before-after-{datetime.now(UTC).strftime('%Y-%m-%d')}{suffix}.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out}")

@@ -162,3 +162,22 @@ def test_a_corrupt_codestream_fails_as_it_did_before(
     with_shortcut = outcome()
     monkeypatch.setattr(pipeline, "decode_reduced", lambda *a, **k: None)
     assert with_shortcut == outcome()
+
+
+def test_the_frame_asked_for_is_the_one_decoded() -> None:
+    images, _ = load_samples()
+    frames = np.stack(
+        [
+            _dataset(radiograph(images[i], study_uid=generate_uid(), size=(1024, 1024))).pixel_array
+            for i in (1, 2, 3)
+        ]
+    )
+    ds = _dataset(radiograph(images[1], study_uid=generate_uid(), size=(1024, 1024)))
+    ds.NumberOfFrames = 3
+    ds.PixelData = frames.tobytes()
+    data = _encoded(ds)
+    arr = decode_reduced(_dataset(data), 1, 3, keep=256)
+    assert arr is not None and arr.shape == (256, 256)
+    gaps = [np.abs(arr.astype(np.float32) - _area(f, arr.shape)).mean() for f in frames]
+    assert int(np.argmin(gaps)) == 1
+    assert gaps[1] <= 0.005 * 4095

@@ -20,7 +20,8 @@ from uuid import UUID
 from psycopg_pool import ConnectionPool
 from pydicom.uid import UID
 from redis import Redis
-from rq.job import Job, JobStatus
+from redis.exceptions import RedisError
+from rq.job import JobStatus
 
 import preprocess
 from orchestrator import queue as jobqueue
@@ -449,7 +450,6 @@ def queue_study(
 
 def job_running(redis: Redis, study_id: UUID) -> bool:
     try:
-        job = Job.fetch(jobqueue.job_id(study_id), connection=redis)
-        return job.get_status(refresh=False) == JobStatus.STARTED
-    except Exception:  # noqa: BLE001 - no such job (or an undecodable one): not running
+        return jobqueue.job_status(redis, study_id) == JobStatus.STARTED
+    except RedisError:
         return False

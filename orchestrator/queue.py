@@ -48,6 +48,18 @@ def job_id(study_id: UUID, stage: str = STAGE_PROCESS) -> str:
     return f"study-{study_id}-{stage}"
 
 
+def job_status(redis: Redis, study_id: UUID) -> JobStatus | None:
+    """The RQ status of the study's job (one HGET, not a whole job fetch); None when there is
+    no job or its status is not one RQ knows."""
+    raw = redis.hget(Job.key_for(job_id(study_id)), "status")
+    if raw is None:
+        return None
+    try:
+        return JobStatus(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except ValueError:
+        return None
+
+
 def enqueue_study(
     redis: Redis, queue_name: str, study_id: UUID, *, job_timeout_s: int, at_front: bool = False
 ) -> bool:
@@ -55,12 +67,8 @@ def enqueue_study(
     ``at_front`` (STAT studies) puts it ahead of every waiting job."""
     jid = job_id(study_id)
     try:
-        try:
-            existing = Job.fetch(jid, connection=redis)
-            if existing.get_status(refresh=False) in _ACTIVE:
-                return False
-        except Exception:  # noqa: BLE001 - rq raises NoSuchJobError or a decode error
-            pass
+        if job_status(redis, study_id) in _ACTIVE:
+            return False
         Queue(queue_name, connection=redis).enqueue(
             "orchestrator.worker.run_study_job",
             str(study_id),

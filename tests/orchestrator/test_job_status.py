@@ -1,0 +1,41 @@
+"""The queue's view of a study's job, read with one HGET: what enqueue_study and the ingest's
+'is a run in progress' check decide on. Real Redis."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from rq import Queue
+from rq.job import Job, JobStatus
+
+from orchestrator import ingest
+from orchestrator import queue as jobqueue
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_study_is_queued_once_while_its_job_waits_or_runs(redis_url: str) -> None:
+    redis = jobqueue.connect(redis_url)
+    name = f"medtriage-job-status-{uuid.uuid4().hex[:6]}"
+    study = uuid.uuid4()
+    key = Job.key_for(jobqueue.job_id(study))
+    try:
+        assert jobqueue.job_status(redis, study) is None
+        assert jobqueue.enqueue_study(redis, name, study, job_timeout_s=60)
+        assert jobqueue.job_status(redis, study) == JobStatus.QUEUED
+        assert not jobqueue.enqueue_study(redis, name, study, job_timeout_s=60)
+        assert Queue(name, connection=redis).count == 1
+        assert not ingest.job_running(redis, study)
+        redis.hset(key, "status", JobStatus.STARTED.value)  # what a worker sets on taking it
+        assert ingest.job_running(redis, study)
+        assert not jobqueue.enqueue_study(redis, name, study, job_timeout_s=60)
+        # Finished (or a status RQ does not know): queued again.
+        redis.hset(key, "status", JobStatus.FINISHED.value)
+        Queue(name, connection=redis).empty()
+        assert jobqueue.enqueue_study(redis, name, study, job_timeout_s=60)
+        redis.hset(key, "status", "no-such-status")
+        assert jobqueue.job_status(redis, study) is None
+    finally:
+        Queue(name, connection=redis).empty()
+        redis.delete(key)

@@ -67,8 +67,13 @@ def enqueue_study(
     ``at_front`` (STAT studies) puts it ahead of every waiting job."""
     jid = job_id(study_id)
     try:
-        if job_status(redis, study_id) in _ACTIVE:
+        status = job_status(redis, study_id)
+        if status in _ACTIVE:
             return False
+        if status is not None:
+            # A finished or failed run's record, set to expire (RESULT_TTL_S, FAILURE_TTL_S):
+            # the new job would be saved into the same key and expire with it.
+            redis.delete(Job.key_for(jid))
         Queue(queue_name, connection=redis).enqueue(
             "orchestrator.worker.run_study_job",
             str(study_id),

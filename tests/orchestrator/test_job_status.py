@@ -30,10 +30,15 @@ def test_a_study_is_queued_once_while_its_job_waits_or_runs(redis_url: str) -> N
         redis.hset(key, "status", JobStatus.STARTED.value)  # what a worker sets on taking it
         assert ingest.job_running(redis, study)
         assert not jobqueue.enqueue_study(redis, name, study, job_timeout_s=60)
-        # Finished (or a status RQ does not know): queued again.
+        # Finished (RQ lets the record expire after RESULT_TTL_S): queued again, as a job of
+        # its own that does not expire with the old record.
+        queue = Queue(name, connection=redis)
+        redis.lrem(queue.key, 0, jobqueue.job_id(study))  # taken by a worker, which ran it
         redis.hset(key, "status", JobStatus.FINISHED.value)
-        Queue(name, connection=redis).empty()
+        redis.expire(key, jobqueue.RESULT_TTL_S)
         assert jobqueue.enqueue_study(redis, name, study, job_timeout_s=60)
+        assert jobqueue.job_status(redis, study) == JobStatus.QUEUED
+        assert redis.ttl(key) == -1  # no expiry
         redis.hset(key, "status", "no-such-status")
         assert jobqueue.job_status(redis, study) is None
     finally:

@@ -10,7 +10,9 @@ after ``max_attempts`` the delivery is ``dead`` (the dead-letter list) until red
 
 Every request is signed: ``X-Medtriage-Signature: t=<unix seconds>,v1=<hex>`` where v1 is
 HMAC-SHA256 with the endpoint's secret over ``"<t>." + body``; receivers check it with
-``verify`` (or any HMAC library) and reject stale timestamps.
+``verify`` (or any HMAC library) and reject stale timestamps. Where the deployment has
+encryption keys (those of the object store), the secret is stored sealed (AES-GCM, bound to
+its endpoint) and opened only by the dispatcher, to sign.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import secrets
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +39,8 @@ from psycopg_pool import ConnectionPool
 
 from orchestrator import metrics
 from orchestrator.db import connect_pool
-from orchestrator.errors import BadRequest, NotFound
+from orchestrator.errors import BadRequest, NotFound, StorageError
+from orchestrator.security.crypto import KeyRing, open_text, seal_text
 from orchestrator.security.outbound import DestinationRefused, OutboundPolicy
 
 log = logging.getLogger(__name__)
@@ -117,8 +121,12 @@ def create(
     url: str,
     events: list[str],
     policy: Policy,
+    *,
+    ring: KeyRing | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """Register an endpoint; returns its row and the signing secret (shown only now)."""
+    """Register an endpoint; returns its row and the signing secret (shown only now). With
+    ``ring`` (the deployment's encryption keys) the secret is stored sealed, bound to the
+    endpoint's id."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadRequest(f"webhook url must be an absolute http(s) URL, not {url!r}")
@@ -126,14 +134,17 @@ def create(
     if unknown:
         raise BadRequest(f"unknown events {unknown}; known: {list(EVENTS)}")
     secret = secrets.token_urlsafe(32)
+    webhook_id = uuid.uuid4()
+    stored = seal_text(ring, secret_context(webhook_id), secret) if ring is not None else secret
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(
-            "INSERT INTO webhooks (tenant_id, url, secret, events, max_attempts, backoff_s,"
-            f" timeout_s) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {_PUBLIC}",
+            "INSERT INTO webhooks (id, tenant_id, url, secret, events, max_attempts, backoff_s,"
+            f" timeout_s) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_PUBLIC}",
             (
+                webhook_id,
                 tenant_id,
                 url,
-                secret,
+                stored,
                 sorted(set(events)),
                 policy.max_attempts,
                 policy.backoff_s,
@@ -142,6 +153,12 @@ def create(
         ).fetchone()
     assert row is not None
     return row, secret
+
+
+def secret_context(webhook_id: Any) -> str:
+    """What a sealed signing secret is bound to: its endpoint (a sealed value copied to
+    another endpoint's row does not open)."""
+    return f"webhook:{webhook_id}:secret"
 
 
 def list_endpoints(conn: Connection, tenant_id: UUID) -> list[dict[str, Any]]:
@@ -247,7 +264,8 @@ def claim_due(conn: Connection, limit: int) -> list[dict[str, Any]]:
             "  SELECT id FROM webhook_deliveries WHERE status = 'pending'"
             "  AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT %s"
             "  FOR UPDATE SKIP LOCKED)"
-            " RETURNING d.id, d.event, d.payload, d.attempts, w.url, w.secret, w.active,"
+            " RETURNING d.id, d.event, d.payload, d.attempts, w.id AS webhook_id, w.url,"
+            " w.secret, w.active,"
             " w.max_attempts, w.backoff_s, w.timeout_s",
             (LEASE_MARGIN_S, limit),
         ).fetchall()
@@ -336,9 +354,12 @@ class Dispatcher(threading.Thread):
         *,
         concurrency: int = CONCURRENT_DELIVERIES,
         outbound: OutboundPolicy | None = None,
+        ring: KeyRing | None = None,
     ):
         super().__init__(name="medtriage-webhooks", daemon=True)
         self.outbound = outbound or OutboundPolicy()
+        # Opens signing secrets stored sealed (webhooks.create with the deployment's keys).
+        self.ring = ring
         self.pool: ConnectionPool = connect_pool(
             database_url, min_size=1, max_size=DISPATCHER_POOL_MAX
         )
@@ -349,10 +370,21 @@ class Dispatcher(threading.Thread):
         self.inflight: set[Future[None]] = set()
 
     def _deliver(self, delivery: dict[str, Any]) -> None:
-        if delivery["active"]:
-            delivered, status, error = attempt(self.client, delivery, self.outbound)
-        else:  # deleted since the event: nothing is sent; the delivery goes dead
+        status: int | None
+        error: str | None
+        if not delivery["active"]:  # deleted since the event: nothing is sent; it goes dead
             delivered, status, error = False, None, "endpoint deleted"
+        else:
+            try:
+                secret = open_text(
+                    self.ring, secret_context(delivery["webhook_id"]), delivery["secret"]
+                )
+            except StorageError as exc:  # keys missing or rotated away: retried, then dead
+                delivered, status, error = False, None, f"signing secret unreadable: {exc}"
+            else:
+                delivered, status, error = attempt(
+                    self.client, {**delivery, "secret": secret}, self.outbound
+                )
         try:
             with self.pool.connection() as conn:
                 outcome = record(conn, delivery, delivered, status, error)

@@ -144,6 +144,7 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
     dispatcher = webhooks.Dispatcher(
         settings.database_url,
         outbound=OutboundPolicy.from_setting(settings.outbound_allow_networks),
+        ring=getattr(_CONTEXT.store, "ring", None),
     )
     dispatcher.start()
     rq_redis = jobqueue.connect_worker(settings.redis_url)

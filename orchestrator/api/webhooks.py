@@ -57,7 +57,12 @@ def create(
     )
     with translate_errors(), services.pool.connection() as conn:
         row, secret = webhooks.create(
-            conn, principal.tenant_id, str(body.url), list(body.events), policy
+            conn,
+            principal.tenant_id,
+            str(body.url),
+            list(body.events),
+            policy,
+            ring=getattr(services.store, "ring", None),
         )
     _act(request, services, principal, "webhook.create", str(row["id"]))
     return {**_public(row), "secret": secret}

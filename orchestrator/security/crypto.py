@@ -222,6 +222,29 @@ def open_sealed(ring: KeyRing, key: str, blob: bytes) -> bytes:
         ) from exc
 
 
+# Short secrets kept in the database (webhook signing secrets), sealed like objects: AES-GCM
+# under the active key, bound to ``context`` (the row they belong to) as associated data.
+SEALED_TEXT_PREFIX = "sealed:v1:"
+
+
+def seal_text(ring: KeyRing, context: str, text: str) -> str:
+    return SEALED_TEXT_PREFIX + base64.b64encode(bytes(seal(ring, context, text.encode()))).decode()
+
+
+def open_text(ring: KeyRing | None, context: str, value: str) -> str:
+    """The text ``seal_text`` sealed for ``context``; a value without the prefix (stored
+    before sealing, or by a deployment without keys) is returned as it is."""
+    if not value.startswith(SEALED_TEXT_PREFIX):
+        return value
+    if ring is None:
+        raise StorageError(f"{context}: sealed, and no encryption keys are configured")
+    try:
+        blob = base64.b64decode(value[len(SEALED_TEXT_PREFIX) :], validate=True)
+    except binascii.Error as exc:
+        raise ObjectTampered(f"{context}: sealed value is not base64") from exc
+    return open_sealed(ring, context, blob).decode()
+
+
 def key_id_of(blob: bytes) -> str | None:
     """The key id an object was sealed with, or None if it is not sealed."""
     if not blob.startswith((MAGIC, MAGIC_STREAM)):

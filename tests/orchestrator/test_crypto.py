@@ -25,14 +25,18 @@ from redis import Redis
 from orchestrator import ingest
 from orchestrator.db import connect_pool
 from orchestrator.db.keys import Principal, create_key
+from orchestrator.errors import StorageError
 from orchestrator.security.crypto import (
     MAGIC,
+    SEALED_TEXT_PREFIX,
     EncryptedStore,
     KeyRing,
     ObjectTampered,
     key_id_of,
     new_key_entry,
+    open_text,
     seal,
+    seal_text,
 )
 from orchestrator.storage import LocalStore, S3Store, open_store
 
@@ -277,3 +281,23 @@ def test_flipped_byte_fails_the_instance_before_preprocessing(
         states[rows[1][0]][0] == "failed" and "SHA-256 recorded at ingest" in states[rows[1][0]][1]
     )
     assert states[rows[2][0]][0] == "done", states[rows[2][0]]
+
+
+def test_sealed_text_opens_only_for_its_context_and_keys() -> None:
+    """Short secrets in the database (webhook signing secrets): sealed under the active key,
+    bound to their row; values stored before sealing pass through."""
+    old = KeyRing.parse(new_key_entry("old"))
+    rotated = KeyRing(
+        [("new", KeyRing.parse(new_key_entry("new")).key("new")), ("old", old.key("old"))]
+    )
+    sealed = seal_text(old, "webhook:a:secret", "s3cr3t")
+    assert sealed.startswith(SEALED_TEXT_PREFIX) and "s3cr3t" not in sealed
+    assert open_text(old, "webhook:a:secret", sealed) == "s3cr3t"
+    assert open_text(rotated, "webhook:a:secret", sealed) == "s3cr3t"  # after a rotation
+    with pytest.raises(ObjectTampered):
+        open_text(old, "webhook:b:secret", sealed)  # copied to another endpoint's row
+    with pytest.raises(StorageError):
+        open_text(None, "webhook:a:secret", sealed)  # keys not configured
+    with pytest.raises(StorageError):
+        open_text(KeyRing.parse(new_key_entry("other")), "webhook:a:secret", sealed)
+    assert open_text(None, "webhook:a:secret", "plain-legacy") == "plain-legacy"

@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from orchestrator.samples import load_samples
@@ -113,7 +114,7 @@ def _signed_by(secret: str, header: str, body: bytes) -> bool:
 
 
 def test_webhooks_end_to_end(
-    stack: Any, make_key: Any, review_study: Any, receiver: Receiver
+    stack: Any, make_key: Any, review_study: Any, receiver: Receiver, database_url: str
 ) -> None:
     key = make_key("uploader", tenant=TENANT)
     c = httpx.Client(base_url=stack.api_url, timeout=60, headers={"Authorization": f"Bearer {key}"})
@@ -139,6 +140,12 @@ def test_webhooks_end_to_end(
     slow = register("/slow", max_attempts=1, timeout_s=0.5)
     assert len(c.get("/v1/webhooks").json()["items"]) == 4
     assert "secret" not in c.get("/v1/webhooks").json()["items"][0]
+    # At rest the secret is sealed with the deployment's keys (the stack's local store has
+    # them); the deliveries below are signed with the plain one all the same.
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT secret FROM webhooks WHERE id = %s", (flaky["id"],)).fetchone()
+    assert row is not None and row[0].startswith("sealed:v1:")
+    assert flaky["secret"] not in row[0]
 
     def deliveries(hook: dict[str, Any], **params: Any) -> list[dict[str, Any]]:
         r = c.get(f"/v1/webhooks/{hook['id']}/deliveries", params=params)

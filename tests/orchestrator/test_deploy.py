@@ -313,3 +313,18 @@ def test_a_plain_install_carries_what_the_serving_path_reads(tmp_path: Path) -> 
     assert ran.returncode == 0, ran.stderr[-2000:]
     shipped = sorted(p.name for p in (REPO_ROOT / "orchestrator/db/migrations").glob("*.sql"))
     assert int(ran.stdout.strip()) == len(shipped)
+
+
+def test_compose_encrypts_objects_at_rest(compose: dict[str, Any]) -> None:
+    """The S3 store writes every object with SSE-S3 and refuses to read one without it, which
+    MinIO serves only with a KMS; the application seals objects with its own keys too."""
+    services = compose["services"]
+    assert str(services["minio"]["environment"]["MINIO_KMS_SECRET_KEY"]).startswith("${")
+    for name in ("api", "worker"):
+        env = services[name]["environment"]
+        assert env["MEDTRIAGE_STORAGE_URL"].startswith("s3://")
+        assert str(env["MEDTRIAGE_STORAGE_ENCRYPTION_KEYS"]).startswith("${")
+        assert env.get("MEDTRIAGE_S3_SSE", "AES256") == "AES256"
+    example = (DEPLOY / ".env.example").read_text()
+    for var in ("MINIO_KMS_SECRET_KEY", "MEDTRIAGE_STORAGE_ENCRYPTION_KEYS"):
+        assert f"\n{var}=" in example

@@ -90,35 +90,12 @@ def insert_instance(conn: Connection, **fields: Any) -> bool:
     return cur.rowcount == 1
 
 
-def set_status(
-    conn: Connection,
-    study_id: UUID,
-    new: StudyStatus,
-    *,
-    expected: tuple[StudyStatus, ...],
-    error: str | None = None,
-) -> bool:
-    """Move a study to ``new`` only from one of ``expected``; True when it moved."""
-    stamp = {
-        StudyStatus.QUEUED: ", queued_at = now()",
-        StudyStatus.PROCESSING: ", started_at = now()",
-        StudyStatus.DONE: ", finished_at = now()",
-        StudyStatus.FAILED: ", finished_at = now()",
-        StudyStatus.NEEDS_REVIEW: ", finished_at = now()",
-    }.get(new, "")
-    cur = conn.execute(
-        f"UPDATE studies SET status = %s, error = %s, updated_at = now(){stamp}"
-        " WHERE id = %s AND status = ANY(%s)",
-        (new.value, error, study_id, [s.value for s in expected]),
-    )
-    return cur.rowcount == 1
-
-
 def mark_queued(
     conn: Connection, study_id: UUID, *, expected: tuple[StudyStatus, ...]
 ) -> str | None:
-    """``set_status(QUEUED)`` that also returns the study's priority, moved or not (one
-    statement: the queue needs the priority either way); None when there is no such study."""
+    """Move the study to 'queued' only from one of ``expected``, and return its priority,
+    moved or not (one statement: the queue needs the priority either way); None when there
+    is no such study."""
     row = conn.execute(
         "WITH moved AS (UPDATE studies SET status = %s, error = NULL, updated_at = now(),"
         " queued_at = now() WHERE id = %s AND status = ANY(%s) RETURNING id)"

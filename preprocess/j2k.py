@@ -19,6 +19,7 @@ sandbox.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -44,7 +45,6 @@ J2K_SYNTAXES = frozenset(
         "1.2.840.10008.1.2.4.203",
     }
 )
-_LIB: dict[str, Any] = {}
 
 
 def reduce_level(rows: int, cols: int, keep: int, levels: int) -> int:
@@ -56,6 +56,7 @@ def reduce_level(rows: int, cols: int, keep: int, levels: int) -> int:
     return level
 
 
+@functools.cache
 def _scratch_dir() -> str | None:
     """Where the codestream is written for glymur (which reads files): memory (/dev/shm)
     where there is one, so pixel data never reaches a disk unencrypted."""
@@ -124,17 +125,16 @@ def _read(path: Path, ds: Dataset, rows: int, cols: int, keep: int) -> np.ndarra
     return arr
 
 
+@functools.cache
 def _glymur() -> Any:
     """glymur with the system's libopenjp2, or None (said once) when either is missing."""
-    if "glymur" not in _LIB:
-        try:
-            import glymur
-            from glymur.lib import openjp2
+    try:
+        import glymur
+        from glymur.lib import openjp2
 
-            if openjp2.OPENJP2 is None:
-                raise ImportError("libopenjp2 not found")
-            _LIB["glymur"] = glymur
-        except ImportError as exc:
-            log.warning("JPEG 2000 is decoded at full size: %s", exc)
-            _LIB["glymur"] = None
-    return _LIB["glymur"]
+        if openjp2.OPENJP2 is None:
+            raise ImportError("libopenjp2 not found")
+        return glymur
+    except ImportError as exc:
+        log.warning("JPEG 2000 is decoded at full size: %s", exc)
+        return None

@@ -228,7 +228,7 @@ SEALED_TEXT_PREFIX = "sealed:v1:"
 
 
 def seal_text(ring: KeyRing, context: str, text: str) -> str:
-    return SEALED_TEXT_PREFIX + base64.b64encode(bytes(seal(ring, context, text.encode()))).decode()
+    return SEALED_TEXT_PREFIX + base64.b64encode(seal(ring, context, text.encode())).decode()
 
 
 def open_text(ring: KeyRing | None, context: str, value: str) -> str:

@@ -260,6 +260,12 @@ def test_compose_keeps_secrets_in_env_files(compose: dict[str, Any]) -> None:
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 
 
+def _dockerfile_copies() -> list[str]:
+    """The repository paths the Dockerfile copies into the image's build context."""
+    lines = [line.strip() for line in DOCKERFILE.read_text().splitlines()]
+    return [src for line in lines if line.startswith("COPY ") for src in line.split()[1:-1]]
+
+
 def test_the_compose_build_has_a_dockerfile_for_the_serving_path(compose: dict[str, Any]) -> None:
     builds = {s["build"] for s in compose["services"].values() if "build" in s}
     assert builds == {"."}
@@ -273,18 +279,26 @@ def test_the_compose_build_has_a_dockerfile_for_the_serving_path(compose: dict[s
     user = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert user and user[-1] not in ("root", "0")
     assert "libopenjp2-7" in text
-    for line in lines:
-        if line.startswith("COPY "):
-            for src in line.split()[1:-1]:
-                assert (REPO_ROOT / src).exists(), f"{src} copied by the Dockerfile is missing"
+    for src in _dockerfile_copies():
+        assert (REPO_ROOT / src).exists(), f"{src} copied by the Dockerfile is missing"
 
 
 def test_a_plain_install_carries_what_the_serving_path_reads(tmp_path: Path) -> None:
-    """What the image's `pip install .` puts in site-packages (a wheel of the project, not
-    the editable checkout): migrations, the Triton template and the report schema load."""
+    """What the image's `pip install .` puts in site-packages: a wheel built, as in the image,
+    from only what the Dockerfile copies (not from the checkout, where a build/ folder could
+    carry stale files into it): migrations, the Triton template and the report schema load."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for src in _dockerfile_copies():
+        if (REPO_ROOT / src).is_dir():
+            shutil.copytree(
+                REPO_ROOT / src, source / src, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        else:
+            shutil.copy2(REPO_ROOT / src, source / src)
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "-w", str(tmp_path / "wheel"), str(REPO_ROOT)],
+         "-w", str(tmp_path / "wheel"), str(source)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr[-2000:]

@@ -74,7 +74,7 @@ def requeue(
                 "SELECT study_id FROM dead_letters WHERE study_id = ANY(%s)", (study_ids,)
             ).fetchall()
         ids = [UUID(str(r[0])) for r in rows]
-        stat: set[UUID] = set()
+        priorities: dict[UUID, str] = {}
         for study_id in ids:
             conn.execute("DELETE FROM dead_letters WHERE study_id = %s", (study_id,))
             moved = conn.execute(
@@ -82,8 +82,8 @@ def requeue(
                 " updated_at = now() WHERE id = %s AND status = 'failed' RETURNING priority",
                 (study_id,),
             ).fetchone()
-            if moved is not None and moved[0] == "stat":
-                stat.add(study_id)
+            if moved is not None:
+                priorities[study_id] = moved[0]
             conn.execute(
                 "INSERT INTO jobs (id, study_id, stage, status) VALUES (%s, %s, %s, 'queued')"
                 " ON CONFLICT (id) DO UPDATE SET status = 'queued', attempts = 0,"
@@ -94,6 +94,10 @@ def requeue(
     # reconciler enqueues them.
     for study_id in ids:
         jobqueue.requeue_study(
-            redis, queue_name, study_id, job_timeout_s=job_timeout_s, at_front=study_id in stat
+            redis,
+            queue_name,
+            study_id,
+            job_timeout_s=job_timeout_s,
+            priority=priorities.get(study_id),
         )
     return ids

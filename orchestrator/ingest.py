@@ -437,9 +437,8 @@ def queue_study(
         )
         jid = jobqueue.job_id(study_id)
         db.upsert_job(conn, job_id=jid, study_id=study_id, stage=jobqueue.STAGE_PROCESS)
-    # STAT studies jump the queue (and reach Triton at its highest priority, pipeline.py).
     enqueued = jobqueue.enqueue_study(
-        redis, queue_name, study_id, job_timeout_s=job_timeout_s, at_front=priority == "stat"
+        redis, queue_name, study_id, job_timeout_s=job_timeout_s, priority=priority
     )
     if not enqueued and job_running(redis, study_id):
         # The running job listed the study's instances when it started and would miss the

@@ -61,10 +61,16 @@ def job_status(redis: Redis, study_id: UUID) -> JobStatus | None:
 
 
 def enqueue_study(
-    redis: Redis, queue_name: str, study_id: UUID, *, job_timeout_s: int, at_front: bool = False
+    redis: Redis,
+    queue_name: str,
+    study_id: UUID,
+    *,
+    job_timeout_s: int,
+    priority: str | None = None,
 ) -> bool:
     """Queue the study's job unless it is already queued or running; True when enqueued.
-    ``at_front`` (STAT studies) puts it ahead of every waiting job."""
+    A study of ``priority`` 'stat' goes ahead of every waiting job (the wait for a worker is
+    where STAT gains most; it also reaches Triton at its highest priority, pipeline.py)."""
     jid = job_id(study_id)
     try:
         status = job_status(redis, study_id)
@@ -83,7 +89,7 @@ def enqueue_study(
             failure_ttl=FAILURE_TTL_S,
             retry=Retry(max=RETRY_MAX, interval=RETRY_INTERVALS_S),
             description=f"process study {study_id}",
-            at_front=at_front,
+            at_front=priority == "stat",
         )
     except RedisError as exc:
         raise DependencyUnavailable("redis", type(exc).__name__) from exc
@@ -91,18 +97,23 @@ def enqueue_study(
 
 
 def requeue_study(
-    redis: Redis, queue_name: str, study_id: UUID, *, job_timeout_s: int, at_front: bool = False
+    redis: Redis,
+    queue_name: str,
+    study_id: UUID,
+    *,
+    job_timeout_s: int,
+    priority: str | None = None,
 ) -> None:
     """Drop whatever is left of the study's job (an abandoned start, a failure record) and
-    queue it afresh (``at_front`` for STAT studies, as ``enqueue_study``). For the reconciler
-    and ``medtriage requeue``; safe because runs are idempotent and only the newest run's
-    claim can finish the study."""
+    queue it afresh (STAT first, as ``enqueue_study``). For the reconciler and ``medtriage
+    requeue``; safe because runs are idempotent and only the newest run's claim can finish
+    the study."""
     try:
         with contextlib.suppress(NoSuchJobError):
             Job.fetch(job_id(study_id), connection=redis).delete(remove_from_queue=True)
     except RedisError as exc:
         raise DependencyUnavailable("redis", type(exc).__name__) from exc
-    enqueue_study(redis, queue_name, study_id, job_timeout_s=job_timeout_s, at_front=at_front)
+    enqueue_study(redis, queue_name, study_id, job_timeout_s=job_timeout_s, priority=priority)
 
 
 def queue_depth(redis: Redis, queue_name: str) -> int:

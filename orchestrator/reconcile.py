@@ -142,7 +142,7 @@ def reconcile_once(pool: ConnectionPool, redis: Redis, settings: CommonSettings)
                 settings.queue_name,
                 study_id,
                 job_timeout_s=settings.job_timeout_s,
-                at_front=touched[0] == "stat",
+                priority=touched[0],
             )
             result.requeued.append(study_id)
             log.warning("study %s requeued (job %s)", study_id, state)

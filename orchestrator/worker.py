@@ -7,6 +7,7 @@ Concurrency comes from several such processes (``--concurrency N``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -15,8 +16,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from uuid import UUID
 
+from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 from rq.job import Job
 
@@ -39,6 +42,11 @@ TRITON_READY_TIMEOUT_S = 120.0
 TRITON_READY_POLL_S = 0.5
 # Exit status of a worker whose job outlived shutdown_grace_s after SIGTERM.
 EXIT_GRACE_EXPIRED = 3
+# RQ ends its loop (instead of retrying) when its own bookkeeping around a job meets a Redis
+# error, e.g. a Redis restart mid-job; the process starts a fresh loop after this long.
+RESTART_DELAY_S = 2.0
+# Set once a stop is asked (SIGTERM/SIGINT through RQ's handlers): no fresh loop after that.
+_STOP = threading.Event()
 
 _CONTEXT: WorkerContext | None = None
 
@@ -71,6 +79,8 @@ class _Worker(SimpleWorker):
     grace_s: float = 60.0
 
     def request_stop(self, signum: int, frame: object) -> None:
+        _STOP.set()
+
         def _expire() -> None:
             time.sleep(self.grace_s)
             log.warning("job still running %.0fs after SIGTERM; exiting", self.grace_s)
@@ -148,13 +158,17 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
     )
     dispatcher.start()
     rq_redis = jobqueue.connect_worker(settings.redis_url)
-    worker = _Worker(
-        [Queue(settings.queue_name, connection=rq_redis)], connection=rq_redis, name=name
-    )
-    worker.grace_s = settings.shutdown_grace_s
+
+    def make_worker() -> _Worker:
+        worker = _Worker(
+            [Queue(settings.queue_name, connection=rq_redis)], connection=rq_redis, name=name
+        )
+        worker.grace_s = settings.shutdown_grace_s
+        return worker
+
     log.info("worker %s taking jobs from %s", name, settings.queue_name)
     try:
-        worker.work(burst=burst, logging_level="WARNING", with_scheduler=True)
+        work_until_stopped(make_worker, burst=burst)
     finally:
         dispatcher.stop()
         background.stop()
@@ -162,6 +176,29 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
         if _CONTEXT.sandbox is not None:
             _CONTEXT.sandbox.close()
         _CONTEXT.pool.close()
+
+
+def work_until_stopped(make_worker: Callable[[], _Worker], *, burst: bool = False) -> None:
+    """RQ's loop until a stop is asked (or a burst ends). When the loop ends without one (RQ
+    quits on a Redis error in its own bookkeeping, or raises one from its teardown), a fresh
+    loop starts under the same name after RESTART_DELAY_S, rather than the process exiting
+    with nothing to restart it; the job that was in hand is requeued by the reconciler."""
+    while True:
+        worker = make_worker()
+        try:
+            worker.work(burst=burst, logging_level="WARNING", with_scheduler=True)
+        except RedisError as exc:
+            log.warning("RQ's loop ended on a Redis error: %s", type(exc).__name__)
+        if burst or _STOP.is_set():
+            return
+        log.warning(
+            "RQ's loop ended without a stop request; a fresh one in %.0f s", RESTART_DELAY_S
+        )
+        # RQ's teardown may not have reached Redis: free the name for the next loop.
+        with contextlib.suppress(RedisError):
+            worker.register_death()  # type: ignore[no-untyped-call]
+        if _STOP.wait(RESTART_DELAY_S):
+            return
 
 
 def run(settings: WorkerSettings) -> int:

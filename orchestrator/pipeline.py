@@ -47,6 +47,7 @@ from orchestrator.settings import WorkerSettings
 from orchestrator.storage import ObjectStore, preview_key, report_key
 from orchestrator.triton.config import ModelSpec
 from preprocess import sandbox
+from preprocess.pipeline import Target
 from preprocess.sandbox import DecodeSandbox
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,7 @@ def _decode(
     ctx: WorkerContext,
     data: bytes,
     transfer_syntax_uid: str | None,
-    spec: preprocess.PreprocessSpec,
-    shape: tuple[int, int, int],
+    targets: list[Target],
 ) -> preprocess.Preprocessed:
     """Bytes → tensor + preview: in the decode sandbox when the worker has one and a codec
     would decode the pixel data (or ``decode_isolation_uncompressed``), else in-process."""
@@ -114,16 +114,15 @@ def _decode(
     limits = (s.max_pixels, s.preview_max_size, s.preview_quality)
     box = ctx.sandbox
     if box is None:
-        return sandbox.decode(data, spec, shape, *limits)
+        return sandbox.decode(data, targets, *limits)
     if not s.decode_isolation_uncompressed and not sandbox.needs_codec(transfer_syntax_uid):
         try:
-            return sandbox.decode(data, spec, shape, *limits, native_only=True)
+            return sandbox.decode(data, targets, *limits, native_only=True)
         except sandbox.CodecNeeded:
             pass  # the file says otherwise than its instance row: the sandbox decides
     return box.run(
         data,
-        spec,
-        shape,
+        targets,
         max_pixels=s.max_pixels,
         preview_max_size=s.preview_max_size,
         preview_quality=s.preview_quality,
@@ -156,8 +155,7 @@ def _prepare(
                 ctx,
                 data,
                 row["transfer_syntax_uid"],
-                pp_spec,
-                (int(shape[0]), int(shape[1]), int(shape[2])),
+                [(pp_spec, (int(shape[0]), int(shape[1]), int(shape[2])))],
             )
         except preprocess.PreprocessError as exc:
             clock.add("preprocess", t0)

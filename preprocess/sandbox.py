@@ -23,7 +23,7 @@ from __future__ import annotations
 import multiprocessing
 import resource
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -32,7 +32,7 @@ from typing import Any, TypeVar, cast
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from preprocess.errors import DecoderCrashedError, DecodeTimeoutError, ImageTooLargeError
-from preprocess.pipeline import Preprocessed, PreprocessSpec, preprocess
+from preprocess.pipeline import Preprocessed, Target, preprocess_for
 from preprocess.reader import check_image, read_dicom
 
 T = TypeVar("T")
@@ -67,15 +67,14 @@ def _limit_memory(memory_mb: int) -> None:
 
 def decode(
     data: bytes,
-    spec: PreprocessSpec,
-    shape: tuple[int, int, int],
+    targets: Sequence[Target],
     max_pixels: int,
     preview_max_size: int,
     preview_quality: int,
     *,
     native_only: bool = False,
 ) -> Preprocessed:
-    """What the child runs (also usable in-process): bytes → model tensor + preview.
+    """What the child runs (also usable in-process): bytes → one tensor per target + preview.
     ``native_only`` (in-process use) raises ``CodecNeeded`` before decoding pixel data that
     is not in a native transfer syntax."""
     try:
@@ -83,8 +82,8 @@ def decode(
         if native_only and needs_codec(ds.file_meta.get("TransferSyntaxUID")):
             raise CodecNeeded(str(ds.file_meta.get("TransferSyntaxUID", "")))
         check_image(ds, max_pixels=max_pixels)
-        return preprocess(
-            ds, spec, shape, preview_max_size=preview_max_size, preview_quality=preview_quality
+        return preprocess_for(
+            ds, targets, preview_max_size=preview_max_size, preview_quality=preview_quality
         )
     except MemoryError:
         raise ImageTooLargeError("decoding needs more memory than the decoder may use") from None
@@ -99,8 +98,7 @@ def _view(shm: shared_memory.SharedMemory) -> memoryview:
 def decode_shared(
     name: str,
     size: int,
-    spec: PreprocessSpec,
-    shape: tuple[int, int, int],
+    targets: Sequence[Target],
     max_pixels: int,
     preview_max_size: int,
     preview_quality: int,
@@ -113,7 +111,7 @@ def decode_shared(
         _ATTACHED.clear()
         shm = _ATTACHED[name] = shared_memory.SharedMemory(name=name)
     data = bytes(_view(shm)[:size])
-    return decode(data, spec, shape, max_pixels, preview_max_size, preview_quality)
+    return decode(data, targets, max_pixels, preview_max_size, preview_quality)
 
 
 def _serve(conn: Connection, memory_mb: int) -> None:
@@ -164,8 +162,7 @@ class DecodeSandbox:
     def run(
         self,
         data: bytes,
-        spec: PreprocessSpec,
-        shape: tuple[int, int, int],
+        targets: Sequence[Target],
         *,
         max_pixels: int,
         preview_max_size: int,
@@ -174,11 +171,11 @@ class DecodeSandbox:
         """Preprocess one file in the child; raise ``PreprocessError`` on any failure."""
         limits = (max_pixels, preview_max_size, preview_quality)
         if len(data) < SHARED_MIN_BYTES:
-            return self.call(decode, data, spec, shape, *limits)
+            return self.call(decode, data, targets, *limits)
         with self._lock:
             shm = self._shared_buffer(len(data))
             _view(shm)[: len(data)] = data
-            return self.call(decode_shared, shm.name, len(data), spec, shape, *limits)
+            return self.call(decode_shared, shm.name, len(data), targets, *limits)
 
     def _shared_buffer(self, size: int) -> shared_memory.SharedMemory:
         """The buffer for originals, replaced by a larger one when ``size`` does not fit. One

@@ -70,17 +70,17 @@ def test_needs_codec_for_all_but_the_native_syntaxes() -> None:
 
 def test_uncompressed_pixel_data_is_decoded_in_the_worker(box: RecordingSandbox) -> None:
     before = box.runs
-    out = _decode(_ctx(box), _uncompressed(), ExplicitVRLittleEndian, PreprocessSpec(), SHAPE)
+    out = _decode(_ctx(box), _uncompressed(), ExplicitVRLittleEndian, [(PreprocessSpec(), SHAPE)])
     assert box.runs == before
     assert out.tensor.shape == SHAPE
 
 
 def test_compressed_pixel_data_is_decoded_in_the_sandbox(box: RecordingSandbox) -> None:
     before = box.runs
-    out = _decode(_ctx(box), _rle(), RLELossless, PreprocessSpec(), SHAPE)
+    out = _decode(_ctx(box), _rle(), RLELossless, [(PreprocessSpec(), SHAPE)])
     assert box.runs == before + 1
     # The same pixels either way: RLE is lossless.
-    here = decode(_uncompressed(), PreprocessSpec(), SHAPE, **LIMITS)
+    here = decode(_uncompressed(), [(PreprocessSpec(), SHAPE)], **LIMITS)
     np.testing.assert_array_equal(out.tensor, here.tensor)
 
 
@@ -90,16 +90,15 @@ def test_the_setting_sends_uncompressed_files_to_the_sandbox_too(box: RecordingS
         _ctx(box, uncompressed_too=True),
         _uncompressed(),
         ExplicitVRLittleEndian,
-        PreprocessSpec(),
-        SHAPE,
+        [(PreprocessSpec(), SHAPE)],
     )
     assert box.runs == before + 1
 
 
 def test_a_file_that_contradicts_its_row_goes_to_the_sandbox(box: RecordingSandbox) -> None:
     with pytest.raises(CodecNeeded):
-        decode(_rle(), PreprocessSpec(), SHAPE, **LIMITS, native_only=True)
+        decode(_rle(), [(PreprocessSpec(), SHAPE)], **LIMITS, native_only=True)
     before = box.runs
-    out = _decode(_ctx(box), _rle(), ExplicitVRLittleEndian, PreprocessSpec(), SHAPE)
+    out = _decode(_ctx(box), _rle(), ExplicitVRLittleEndian, [(PreprocessSpec(), SHAPE)])
     assert box.runs == before + 1
     assert np.isfinite(out.tensor).all()

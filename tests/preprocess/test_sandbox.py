@@ -44,8 +44,8 @@ def _ct() -> bytes:
 
 def test_sandbox_output_equals_in_process_decoding(box: DecodeSandbox) -> None:
     spec = PreprocessSpec()
-    inside = box.run(_ct(), spec, SHAPE, **LIMITS)
-    here = decode(_ct(), spec, SHAPE, **LIMITS)
+    inside = box.run(_ct(), [(spec, SHAPE)], **LIMITS)
+    here = decode(_ct(), [(spec, SHAPE)], **LIMITS)
 
     assert box.pid is not None and box.pid != os.getpid()
     np.testing.assert_array_equal(inside.tensor, here.tensor)
@@ -55,7 +55,7 @@ def test_sandbox_output_equals_in_process_decoding(box: DecodeSandbox) -> None:
 
 def test_a_bad_file_is_the_usual_categorized_error(box: DecodeSandbox) -> None:
     with pytest.raises(NotDicomError):
-        box.run(b"not a dicom file at all", PreprocessSpec(), SHAPE, **LIMITS)
+        box.run(b"not a dicom file at all", [(PreprocessSpec(), SHAPE)], **LIMITS)
     assert box.call(sandbox_faults.pid) == box.pid  # the child survived it
 
 
@@ -66,7 +66,7 @@ def test_a_hang_is_stopped_at_the_deadline_and_the_next_file_works(box: DecodeSa
         box.call(sandbox_faults.sleep, 60)
     assert time.monotonic() - started < TIMEOUT_S + 2
     assert box.call(sandbox_faults.pid) != before  # a fresh child
-    assert box.run(_ct(), PreprocessSpec(), SHAPE, **LIMITS).tensor.shape == SHAPE
+    assert box.run(_ct(), [(PreprocessSpec(), SHAPE)], **LIMITS).tensor.shape == SHAPE
 
 
 def test_a_crash_costs_one_file_not_the_caller(box: DecodeSandbox) -> None:
@@ -74,7 +74,7 @@ def test_a_crash_costs_one_file_not_the_caller(box: DecodeSandbox) -> None:
     with pytest.raises(DecoderCrashedError):
         box.call(sandbox_faults.abort)
     assert box.call(sandbox_faults.pid) not in (before, os.getpid())
-    assert box.run(_ct(), PreprocessSpec(), SHAPE, **LIMITS).tensor.shape == SHAPE
+    assert box.run(_ct(), [(PreprocessSpec(), SHAPE)], **LIMITS).tensor.shape == SHAPE
 
 
 def test_an_answer_that_cannot_be_read_costs_that_call_only(box: DecodeSandbox) -> None:
@@ -84,7 +84,7 @@ def test_an_answer_that_cannot_be_read_costs_that_call_only(box: DecodeSandbox) 
     # The next call gets its own answer, from a fresh child: nothing stale is left in the pipe.
     after = box.call(sandbox_faults.pid)
     assert after not in (before, os.getpid())
-    assert box.run(_ct(), PreprocessSpec(), SHAPE, **LIMITS).tensor.shape == SHAPE
+    assert box.run(_ct(), [(PreprocessSpec(), SHAPE)], **LIMITS).tensor.shape == SHAPE
 
 
 def test_memory_beyond_the_limit_is_refused_not_granted(box: DecodeSandbox) -> None:

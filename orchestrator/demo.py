@@ -27,7 +27,7 @@ from orchestrator.stack import LocalStack
 STUDY_TIMEOUT_S = 180.0
 POLL_S = 0.25
 HTTP_TIMEOUT_S = 60.0
-TERMINAL = {"done", "failed", "needs_review"}
+TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 
 
 def sample_studies() -> list[dict[str, Any]]:

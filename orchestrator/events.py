@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
-TERMINAL_STATUSES = frozenset({"done", "failed", "needs_review"})
+TERMINAL_STATUSES = frozenset({"done", "failed", "needs_review", "not_applicable"})
 
 
 def study_channel(queue_prefix: str, study_id: Any) -> str:

@@ -1,8 +1,12 @@
-"""Model outputs → labels, confidences and findings.
+"""Model outputs → labels, confidences, findings at the model's operating point.
 
-The analysis model returns class probabilities and a 7×7 activation map for "pneumonia".
-The map is summarised per lung zone (upper / middle / lower × image-left / image-right;
-in a PA radiograph image-left is the patient's right).
+A model's stated operating point (``model_repository/<model>/operating_point.json``: its
+positive labels and target sensitivity) and the threshold derived for each version on
+validation images put through the DICOM pipeline (``<version>/gate.json``) decide what a
+positive finding is: the summed probability of the positive labels at or above that
+threshold. A model's attention map (an output named by the config's ``attention_output``
+parameter) is kept with the result for the reviewer's overlay, never turned into locations:
+the models were not validated for localisation (their data has no location labels).
 """
 
 from __future__ import annotations
@@ -11,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-# A zone is reported when its mean activation reaches this value.
-ZONE_ACTIVATION_THRESHOLD = 0.5
-# Below this probability the analysis model reports no finding.
-FINDING_PROBABILITY_THRESHOLD = 0.5
-_ZONE_ROWS = ("upper", "middle", "lower")
-_ZONE_COLS = ("right", "left")  # patient side, image-left first
+from orchestrator.triton.config import ModelSpec
+
+# Labels that are never findings, whatever the model set.
+NORMAL_LABELS = frozenset({"normal"})
+# Said with every attention map a result carries (reports, SR, webhooks, the review page).
+ATTENTION_QUALIFIER = "model attention, not validated for localisation"
 
 
 def top_class(probs: np.ndarray, labels: tuple[str, ...]) -> tuple[str, float]:
@@ -30,30 +34,59 @@ def entropy(probs: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def zones(heatmap: np.ndarray) -> dict[str, float]:
-    rows = np.array_split(np.arange(heatmap.shape[0]), len(_ZONE_ROWS))
-    cols = np.array_split(np.arange(heatmap.shape[1]), len(_ZONE_COLS))
-    out: dict[str, float] = {}
-    for rname, ridx in zip(_ZONE_ROWS, rows, strict=True):
-        for cname, cidx in zip(_ZONE_COLS, cols, strict=True):
-            out[f"{cname}_{rname}"] = round(float(heatmap[np.ix_(ridx, cidx)].mean()), 4)
-    return out
+def positive_labels(spec: ModelSpec) -> tuple[str, ...]:
+    """The operating point's positive labels; without one, every label that is not normal."""
+    stated = spec.operating_point.get("positive_labels")
+    if stated:
+        return tuple(str(label) for label in stated)
+    return tuple(label for label in spec.labels if label not in NORMAL_LABELS)
 
 
-def analysis_findings(
-    probs: np.ndarray, heatmap: np.ndarray | None, labels: tuple[str, ...]
-) -> list[dict[str, Any]]:
-    findings: list[dict[str, Any]] = []
-    for index, label in enumerate(labels):
-        if label == "normal" or float(probs[index]) < FINDING_PROBABILITY_THRESHOLD:
-            continue
-        finding: dict[str, Any] = {"code": label, "probability": round(float(probs[index]), 4)}
-        if heatmap is not None:
-            per_zone = zones(heatmap)
-            finding["zones"] = sorted(
-                (z for z, v in per_zone.items() if v >= ZONE_ACTIVATION_THRESHOLD),
-                key=lambda z: -per_zone[z],
-            )
-            finding["zone_activation"] = per_zone
-        findings.append(finding)
-    return findings
+def operating_threshold(spec: ModelSpec, version: int) -> float | None:
+    """The version's derived threshold on the positive score (gate.json), if it has one."""
+    op = spec.gates.get(version, {}).get("operating_point") or {}
+    value = op.get("threshold")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def positive_score(spec: ModelSpec, probs: np.ndarray) -> float:
+    index = {label: i for i, label in enumerate(spec.labels)}
+    return float(
+        sum(float(probs[index[label]]) for label in positive_labels(spec) if label in index)
+    )
+
+
+def is_positive(spec: ModelSpec, version: int, probs: np.ndarray) -> bool:
+    """Positive at the operating point; without a derived threshold, when the top class is a
+    positive label (never silently negative)."""
+    threshold = operating_threshold(spec, version)
+    if threshold is None:
+        return top_class(probs, spec.labels)[0] in positive_labels(spec)
+    return positive_score(spec, probs) >= threshold
+
+
+def describe(
+    spec: ModelSpec, version: int, outputs: dict[str, np.ndarray], i: int
+) -> tuple[str, float, list[dict[str, Any]]]:
+    """(label, confidence, findings) of row ``i`` of a response."""
+    probs = outputs[spec.probs_output][i]
+    positive = is_positive(spec, version, probs)
+    # The label is the decision at the operating point: the likeliest label of the side the
+    # threshold puts the image on (a pneumonia score of 0.3 over a threshold of 0.2 is
+    # "pneumonia", not "normal 0.7").
+    wanted = set(positive_labels(spec))
+    side = [k for k, name in enumerate(spec.labels) if (name in wanted) == positive]
+    best = max(side, key=lambda k: float(probs[k])) if side else int(np.argmax(probs))
+    label = spec.labels[best] if best < len(spec.labels) else str(best)
+    confidence = float(probs[best])
+    found: list[dict[str, Any]] = []
+    if positive:
+        finding: dict[str, Any] = {
+            "code": "+".join(positive_labels(spec)),
+            "probability": round(positive_score(spec, probs), 4),
+            "operating_point": operating_threshold(spec, version),
+        }
+        if spec.attention_output and spec.attention_output in outputs:
+            finding["attention"] = ATTENTION_QUALIFIER
+        found.append(finding)
+    return label, confidence, found

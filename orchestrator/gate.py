@@ -10,6 +10,14 @@ default), falling back to the worker's settings. The gate reads the study's stor
 - ``lossy_source`` / ``unusual_photometric`` / ``frames_dropped``  preprocessing warnings
 - ``instance_failed``     an instance of the study could not be processed
 - ``critical_finding``    a non-normal finding's probability at or above ``critical_probability``
+- ``positive_finding``    a positive finding at the model's operating point (findings.py): never
+                          finalised without review unless ``operating_point.json`` says
+                          ``auto_finalise_positive``
+- ``out_of_distribution`` the model's OOD score above the threshold derived for its version
+                          (``<version>/gate.json``): the image is unlike what it learned from,
+                          so its confidence means nothing
+- ``applicability_uncertain`` a tag the set's rules need was absent and accepted with a warning
+                          (``body_part_unknown``, ``view_position_unknown``, ``age_unknown``)
 
 Urgency orders the review queue (higher first, then oldest first): a critical finding adds
 ``URGENCY_CRITICAL``, a STAT study adds ``URGENCY_STAT``.
@@ -17,6 +25,7 @@ Urgency orders the review queue (higher first, then oldest first): a critical fi
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -27,6 +36,7 @@ from psycopg.rows import dict_row
 
 from orchestrator import findings
 from orchestrator.errors import BadRequest
+from orchestrator.triton.config import ModelSpec
 
 LOW_CONFIDENCE = "low_confidence"
 HIGH_ENTROPY = "high_entropy"
@@ -36,8 +46,13 @@ UNUSUAL_PHOTOMETRIC = "unusual_photometric"
 FRAMES_DROPPED = "frames_dropped"
 INSTANCE_FAILED = "instance_failed"
 CRITICAL_FINDING = "critical_finding"
+POSITIVE_FINDING = "positive_finding"
+OUT_OF_DISTRIBUTION = "out_of_distribution"
+APPLICABILITY_UNCERTAIN = "applicability_uncertain"
 REASONS = (
     CRITICAL_FINDING,
+    OUT_OF_DISTRIBUTION,
+    POSITIVE_FINDING,
     LOW_CONFIDENCE,
     HIGH_ENTROPY,
     SHADOW_DISAGREEMENT,
@@ -45,12 +60,16 @@ REASONS = (
     UNUSUAL_PHOTOMETRIC,
     FRAMES_DROPPED,
     INSTANCE_FAILED,
+    APPLICABILITY_UNCERTAIN,
 )
 # Preprocessing warning prefixes (preprocess/pipeline.py) that send a study to review.
 _WARNING_REASONS = {
     "lossy_source": LOSSY_SOURCE,
     "unusual_photometric": UNUSUAL_PHOTOMETRIC,
     "frames_dropped": FRAMES_DROPPED,
+    "body_part_unknown": APPLICABILITY_UNCERTAIN,
+    "view_position_unknown": APPLICABILITY_UNCERTAIN,
+    "age_unknown": APPLICABILITY_UNCERTAIN,
 }
 # Urgency steps: critical findings outrank STAT, which outranks routine.
 URGENCY_CRITICAL = 2
@@ -61,7 +80,7 @@ DEFAULT_MAX_ENTROPY = 0.6
 # A non-normal finding this probable is treated as critical (urgent review).
 DEFAULT_CRITICAL_PROBABILITY = 0.9
 # Labels that are never findings.
-NORMAL_LABELS = frozenset({"normal"})
+NORMAL_LABELS = findings.NORMAL_LABELS
 
 
 @dataclass(frozen=True)
@@ -154,6 +173,36 @@ def _probabilities(outputs: dict[str, Any], output_name: str | None) -> np.ndarr
     return arr if arr.size else None
 
 
+def _operating_point_and_ood(
+    decision: Decision, spec: ModelSpec, version: int, r: dict[str, Any], where: dict[str, Any]
+) -> None:
+    outputs = r["outputs"] or {}
+    probs = _probabilities(outputs, spec.probs_output)
+    if probs is not None and len(probs) == len(spec.labels):
+        auto = bool(spec.operating_point.get("auto_finalise_positive", False))
+        if not auto and findings.is_positive(spec, version, probs):
+            decision.add(
+                POSITIVE_FINDING,
+                **where,
+                value=round(findings.positive_score(spec, probs), 4),
+                threshold=findings.operating_threshold(spec, version),
+            )
+    name = spec.ood_output
+    if name is None:
+        return
+    ood = spec.gates.get(version, {}).get("ood") or {}
+    limit = ood.get("threshold")
+    score = _probabilities(outputs, name)
+    if score is None or not isinstance(limit, int | float):
+        # A model that declares an OOD output but whose version has no threshold (or whose
+        # response lacks the score) cannot vouch for its input: review.
+        decision.add(OUT_OF_DISTRIBUTION, **where, value=None, threshold=limit)
+    elif float(score[0]) > float(limit):
+        decision.add(
+            OUT_OF_DISTRIBUTION, **where, value=round(float(score[0]), 4), threshold=float(limit)
+        )
+
+
 def evaluate(
     conn: Connection,
     study: dict[str, Any],
@@ -164,14 +213,20 @@ def evaluate(
     prob_outputs: dict[str, str],
     default_confidence: float,
     triage_model: str = "triage",
+    specs: Mapping[str, ModelSpec] | None = None,
+    triage_models: Collection[str] = (),
 ) -> Decision:
     """Decide review for a processed study from its stored ``results`` (every arm, as
     ``db.studies.results(include_shadow=True)`` reads them).
 
     ``prob_outputs`` names each model's class-probability output tensor (from config.pbtxt).
-    Low confidence and entropy are judged on the triage model's live arm; critical findings
-    on any model's live findings; shadow disagreement on every model.
+    Low confidence and entropy are judged on the triage model's live arm (every set's first
+    model in ``triage_models``); critical findings on any model's live findings; shadow
+    disagreement on every model; with ``specs`` (each model's config, operating point and
+    per-version gate.json), positive findings at the operating point and OOD scores on every
+    live result.
     """
+    entry_models = set(triage_models) or {triage_model}
     decision = Decision()
     rows = sorted(results, key=lambda r: (r["model"], r["arm"], r["version"]))
     # Every threshold row of the models at hand in one query, resolved as ``thresholds`` does.
@@ -196,7 +251,10 @@ def evaluate(
                 )
             continue
         t = limits(model, version)
-        if model == triage_model:
+        spec = (specs or {}).get(model)
+        if spec is not None:
+            _operating_point_and_ood(decision, spec, version, r, where)
+        if model in entry_models:
             confidence = float(r["confidence"])
             if confidence < t.min_confidence:
                 decision.add(LOW_CONFIDENCE, **where, value=round(confidence, 4))

@@ -49,8 +49,8 @@ STAGES = (
     "total_worker",
 )
 ARMS = ("live", "shadow")
-STUDY_OUTCOMES = ("done", "needs_review", "failed")
-IMAGE_OUTCOMES = ("done", "failed")
+STUDY_OUTCOMES = ("done", "needs_review", "failed", "not_applicable")
+IMAGE_OUTCOMES = ("done", "failed", "not_applicable")
 UPLOAD_OUTCOMES = ("accepted", "duplicate", "rejected")
 INGEST_PATHS = ("rest", "stow", "dimse", "import")
 INFERENCE_ERRORS = ("unavailable", "timeout", "invalid_output", "error")
@@ -172,12 +172,17 @@ def observe_upload(ingest_path: str, outcome: str, size_bytes: int) -> None:
 
 
 def observe_study(
-    outcome: str, timings_ms: Mapping[str, float], images_done: int, images_failed: int
+    outcome: str,
+    timings_ms: Mapping[str, float],
+    images_done: int,
+    images_failed: int,
+    images_not_applicable: int = 0,
 ) -> None:
     """One finished study: outcome, images, and every known stage it timed."""
     STUDIES.labels(outcome).inc()
     IMAGES.labels("done").inc(images_done)
     IMAGES.labels("failed").inc(images_failed)
+    IMAGES.labels("not_applicable").inc(images_not_applicable)
     for stage, ms in timings_ms.items():
         if stage in STAGES:
             STAGE_LATENCY.labels(stage).observe(ms / 1e3)

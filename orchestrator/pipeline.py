@@ -1,4 +1,10 @@
-"""Processing one study: stored originals → preprocess → triage → analysis → gate → report.
+"""Processing one study: stored originals → applicability → preprocess → each applicable
+model set's models (triage, then analysis, …) → gate → report.
+
+Each image goes only to the model sets whose rules it meets (orchestrator/applicability.py);
+an image that meets none is ``not_applicable`` with the failed rules in words, and a study
+none of whose images is applicable ends ``not_applicable``. One decode feeds every model the
+image goes to, each with its own preprocessing (``model_repository/<model>/preprocess.json``).
 
 ``process_study`` takes ids, reads everything else from PostgreSQL and the object store, and
 is safe to run twice: results are unique per (instance, model, version), the report revision
@@ -9,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -20,6 +25,7 @@ from psycopg_pool import ConnectionPool
 
 import preprocess
 from orchestrator import (
+    applicability,
     events,
     findings,
     gate,
@@ -52,8 +58,6 @@ from preprocess.sandbox import DecodeSandbox
 
 log = logging.getLogger(__name__)
 
-TRIAGE_MODEL = "triage"
-ANALYSIS_MODEL = "analysis"
 # Errors worth another attempt of the whole job; everything else fails the study at once.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = retry.TRANSIENT
 
@@ -67,6 +71,8 @@ class WorkerContext:
     store: ObjectStore
     inference: InferenceClient
     models: dict[str, ModelSpec]
+    # The model sets and their applicability rules (model_repository/*/applicability.toml).
+    sets: list[applicability.ModelSet] = field(default_factory=list)
     worker_name: str = "worker"
     events: EventPublisher | None = None
     # Decoding in a child process (preprocess/sandbox.py); None = in this process.
@@ -76,9 +82,12 @@ class WorkerContext:
 @dataclass
 class _Prepared:
     instance_id: UUID
-    tensor: np.ndarray
+    # Model → that model's input tensor (each model's own preprocessing).
+    tensors: dict[str, np.ndarray]
     warnings: tuple[str, ...]
     preview_key: str
+    # The model sets whose rules the image meets.
+    sets: tuple[str, ...] = ()
 
 
 @dataclass
@@ -92,6 +101,8 @@ class _Run:
     failed: dict[UUID, str] = field(default_factory=dict)
     failed_previews: dict[UUID, str] = field(default_factory=dict)
     results: list[dict[str, Any]] = field(default_factory=list)
+    # Instance → why no model set takes it (the failed rules in words).
+    not_applicable: dict[UUID, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -129,14 +140,30 @@ def _decode(
     )
 
 
+def _target(ctx: WorkerContext, model: str) -> Target:
+    spec = ctx.models[model]
+    dims = spec.inputs[0].dims
+    return (
+        preprocess.PreprocessSpec.from_dict(spec.preprocess),
+        (int(dims[0]), int(dims[1]), int(dims[2])),
+    )
+
+
+def _applicable_sets(
+    ctx: WorkerContext, data: bytes
+) -> tuple[list[applicability.Verdict], list[applicability.Verdict]]:
+    """(every set's verdict, the applicable ones) from the file's header (no pixel data)."""
+    header = preprocess.read_dicom(data, stop_before_pixels=True)
+    verdicts = applicability.evaluate(ctx.sets, header)
+    return verdicts, [v for v in verdicts if v.applicable]
+
+
 def _prepare(
-    ctx: WorkerContext, study: dict[str, Any], rows: list[dict[str, Any]], clock: _Clock
-) -> tuple[list[_Prepared], dict[UUID, str]]:
-    spec = ctx.models[TRIAGE_MODEL]
-    pp_spec = preprocess.PreprocessSpec.from_dict(spec.preprocess)
-    shape = spec.inputs[0].dims
-    prepared: list[_Prepared] = []
-    failed: dict[UUID, str] = {}
+    ctx: WorkerContext, study: dict[str, Any], rows: list[dict[str, Any]], run: _Run, clock: _Clock
+) -> None:
+    """Fetch, check applicability, decode once into every applicable model's tensor, store the
+    preview. Fills ``run.prepared``, ``run.failed`` and ``run.not_applicable``."""
+    members = {s.name: s.models for s in ctx.sets}
     for row in rows:
         t0 = time.perf_counter()
         try:
@@ -146,20 +173,22 @@ def _prepare(
             )
         except ObjectTampered as exc:
             clock.add("fetch", t0)
-            failed[row["id"]] = f"integrity: {exc}"
+            run.failed[row["id"]] = f"integrity: {exc}"
             continue
         clock.add("fetch", t0)
         t0 = time.perf_counter()
         try:
-            out = _decode(
-                ctx,
-                data,
-                row["transfer_syntax_uid"],
-                [(pp_spec, (int(shape[0]), int(shape[1]), int(shape[2])))],
-            )
+            verdicts, chosen = _applicable_sets(ctx, data)
+            if not chosen:
+                clock.add("preprocess", t0)
+                run.not_applicable[row["id"]] = applicability.not_applicable_reason(verdicts)
+                continue
+            models = list(dict.fromkeys(m for v in chosen for m in members[v.set]))
+            targets = list(dict.fromkeys(_target(ctx, m) for m in models))
+            out = _decode(ctx, data, row["transfer_syntax_uid"], targets)
         except preprocess.PreprocessError as exc:
             clock.add("preprocess", t0)
-            failed[row["id"]] = f"{exc.category}: {exc}"
+            run.failed[row["id"]] = f"{exc.category}: {exc}"
             continue
         clock.add("preprocess", t0)
         t0 = time.perf_counter()
@@ -169,8 +198,11 @@ def _prepare(
             what="store.put",
         )
         clock.add("store", t0)
-        prepared.append(_Prepared(row["id"], out.tensor, out.warnings, key))
-    return prepared, failed
+        tensors = {m: out.tensors[targets.index(_target(ctx, m))] for m in models}
+        warnings = out.warnings + tuple(w for v in chosen for w in v.warnings)
+        run.prepared.append(
+            _Prepared(row["id"], tensors, warnings, key, tuple(v.set for v in chosen))
+        )
 
 
 def _infer_chunks(
@@ -184,7 +216,7 @@ def _infer_chunks(
     out = []
     for part in batches(len(prepared), size):
         chunk = prepared[part]
-        batch = np.stack([p.tensor for p in chunk]).astype(np.float32, copy=False)
+        batch = np.stack([p.tensors[spec.name] for p in chunk]).astype(np.float32, copy=False)
         t0 = time.perf_counter()
         outputs = retry.call(
             partial(
@@ -206,10 +238,10 @@ def _run_model(
     model: str,
     run: _Run,
     clock: _Clock,
-    describe: Callable[[ModelSpec, dict[str, np.ndarray], int], tuple[str, float, list[Any]]],
+    prepared: list[_Prepared],
 ) -> None:
-    """Run every prepared image through the study's live version (and shadows); collect the
-    results in ``run`` (written with the report, in one transaction).
+    """Run ``prepared`` (the images of the model's set) through the study's live version (and
+    shadows); collect the results in ``run`` (written with the report, in one transaction).
 
     A live version that Triton no longer serves fails over to the remaining live arms (the
     event is recorded); a failing shadow is logged and skipped, never failing the study.
@@ -219,7 +251,7 @@ def _run_model(
     from orchestrator import rollout
 
     spec = ctx.models[model]
-    study, prepared = run.study, run.prepared
+    study = run.study
     priority = PRIORITY_STAT if study["priority"] == "stat" else PRIORITY_DEFAULT
     choice = routing.choose(model, study["study_uid"], run.routes.get(model, []))
     while True:
@@ -266,7 +298,7 @@ def _run_model(
                     if arm == "live":
                         invalid[item.instance_id] = f"invalid_output: {model} v{version}: {problem}"
                     continue
-                label, confidence, found = describe(spec, outputs, i)
+                label, confidence, found = findings.describe(spec, version, outputs, i)
                 metrics.observe_prediction(model, version, arm, label, confidence)
                 kept.append(
                     {
@@ -288,23 +320,7 @@ def _run_model(
         if p.instance_id in invalid:
             run.failed[p.instance_id] = invalid[p.instance_id]
             run.failed_previews[p.instance_id] = p.preview_key
-    run.prepared = [p for p in prepared if p.instance_id not in invalid]
-
-
-def _describe_triage(
-    spec: ModelSpec, outputs: dict[str, np.ndarray], i: int
-) -> tuple[str, float, list[Any]]:
-    label, confidence = findings.top_class(outputs[spec.outputs[0].name][i], spec.labels)
-    return label, confidence, []
-
-
-def _describe_analysis(
-    spec: ModelSpec, outputs: dict[str, np.ndarray], i: int
-) -> tuple[str, float, list[Any]]:
-    probs = outputs[spec.outputs[0].name][i]
-    heat = outputs[spec.outputs[1].name][i] if len(spec.outputs) > 1 else None
-    label, confidence = findings.top_class(probs, spec.labels)
-    return label, confidence, findings.analysis_findings(probs, heat, spec.labels)
+    run.prepared = [p for p in run.prepared if p.instance_id not in invalid]
 
 
 def _failed_rows(run: _Run) -> list[tuple[UUID, str, str | None, list[str], str | None]]:
@@ -313,7 +329,7 @@ def _failed_rows(run: _Run) -> list[tuple[UUID, str, str | None, list[str], str 
     return [
         (iid, "failed", run.failed_previews.get(iid), [], reason)
         for iid, reason in run.failed.items()
-    ]
+    ] + [(iid, "not_applicable", None, [], reason) for iid, reason in run.not_applicable.items()]
 
 
 def _finish(
@@ -345,7 +361,10 @@ def _finish(
         # Every stored result of the study (shadows too): the gate's input and the report's.
         stored = db.results(conn, study_id, include_shadow=True)
         error: str | None = None
-        if not run.prepared:
+        if not run.prepared and run.not_applicable and not run.failed:
+            # No image meets any model set's rules: no result, nothing to review, never "normal".
+            final = StudyStatus.NOT_APPLICABLE
+        elif not run.prepared:
             final = StudyStatus.FAILED
             error = (
                 "no instance has usable model outputs"
@@ -360,9 +379,10 @@ def _finish(
                 stored,
                 failed=run.failed,
                 warnings={p.instance_id: p.warnings for p in run.prepared},
-                prob_outputs={m: spec.outputs[0].name for m, spec in ctx.models.items()},
+                prob_outputs={m: spec.probs_output for m, spec in ctx.models.items()},
                 default_confidence=ctx.settings.review_confidence_threshold,
-                triage_model=TRIAGE_MODEL,
+                specs=ctx.models,
+                triage_models=[s.models[0] for s in ctx.sets],
             )
             final = StudyStatus.NEEDS_REVIEW if decision.reasons else StudyStatus.DONE
             if decision.reasons:
@@ -427,14 +447,14 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
     events.publish(ctx.events, study, "processing")
 
     try:
-        run.prepared, run.failed = _prepare(ctx, study, rows, clock)
+        _prepare(ctx, study, rows, run, clock)
         events.publish(ctx.events, study, "preprocess")
-        if run.prepared:
-            _run_model(ctx, TRIAGE_MODEL, run, clock, _describe_triage)
-            events.publish(ctx.events, study, "triage")
-        if run.prepared:
-            _run_model(ctx, ANALYSIS_MODEL, run, clock, _describe_analysis)
-            events.publish(ctx.events, study, "analysis")
+        for model_set in ctx.sets:
+            for model in model_set.models:
+                members = [p for p in run.prepared if model_set.name in p.sets]
+                if members:
+                    _run_model(ctx, model, run, clock, members)
+                    events.publish(ctx.events, study, model)
         clock.timings["total_worker"] = (time.perf_counter() - started) * 1e3
         final = _finish(ctx, run, token, job_id, attempt, clock)
     except TRANSIENT_ERRORS as exc:
@@ -463,6 +483,12 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
                 conn, job_id=job_id, attempt=attempt, outcome="failed", error="superseded"
             )
         return "superseded"
-    metrics.observe_study(final.value, clock.timings, len(run.prepared), len(run.failed))
+    metrics.observe_study(
+        final.value,
+        clock.timings,
+        len(run.prepared),
+        len(run.failed),
+        len(run.not_applicable),
+    )
     events.publish(ctx.events, study, "report", final.value)
     return final.value

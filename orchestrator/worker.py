@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 from rq.job import Job
 
-from orchestrator import events, metrics, reconcile, routing, webhooks
+from orchestrator import applicability, events, metrics, reconcile, routing, webhooks
 from orchestrator import queue as jobqueue
 from orchestrator.db import connect_pool, upgrade
 from orchestrator.inference import TritonInference
@@ -92,6 +92,8 @@ class _Worker(SimpleWorker):
 
 def build_context(settings: WorkerSettings, name: str) -> WorkerContext:
     models = load_repository(settings.model_repository)
+    # A malformed rule file stops the worker here, naming the file and line.
+    sets = applicability.load_sets(settings.model_repository, models)
     inference = TritonInference(settings.triton_grpc_url, tls=GrpcTls.from_settings(settings))
     deadline = time.monotonic() + TRITON_READY_TIMEOUT_S
     while not inference.is_ready():
@@ -129,6 +131,7 @@ def build_context(settings: WorkerSettings, name: str) -> WorkerContext:
         store,
         inference,
         models,
+        sets=sets,
         worker_name=name,
         events=publisher,
         sandbox=decoder,

@@ -177,7 +177,8 @@ def list_studies(
     limit: Annotated[int, Query(ge=1, le=200)] = DEFAULT_PAGE_SIZE,
     offset: Annotated[int, Query(ge=0)] = 0,
     status: Annotated[
-        str | None, Query(pattern="^(received|queued|processing|done|failed|needs_review)$")
+        str | None,
+        Query(pattern="^(received|queued|processing|done|failed|needs_review|not_applicable)$"),
     ] = None,
 ) -> StudiesPublic:
     with translate_errors(), services.pool.connection() as conn:

@@ -22,9 +22,16 @@ class StudyStatus(str, Enum):
     DONE = "done"
     FAILED = "failed"
     NEEDS_REVIEW = "needs_review"
+    # No image of the study meets any model set's applicability rules: no result, no review.
+    NOT_APPLICABLE = "not_applicable"
 
 
-TERMINAL = (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.NEEDS_REVIEW)
+TERMINAL = (
+    StudyStatus.DONE,
+    StudyStatus.FAILED,
+    StudyStatus.NEEDS_REVIEW,
+    StudyStatus.NOT_APPLICABLE,
+)
 
 STUDY_COLUMNS = (
     "id, tenant_id, study_uid, status, priority, created_at, updated_at, queued_at,"

@@ -18,6 +18,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 CONFIG_FILENAME = "config.pbtxt"
 PREPROCESS_FILENAME = "preprocess.json"
+# The model's stated operating point (positive labels, target sensitivity), beside the config.
+OPERATING_POINT_FILENAME = "operating_point.json"
+# Per version: the thresholds derived for it (OOD score, operating point), beside model.onnx.
+GATE_FILENAME = "gate.json"
+# config.pbtxt model parameters that name an output's role (the names stay in the config).
+OOD_OUTPUT_PARAMETER = "ood_output"
+ATTENTION_OUTPUT_PARAMETER = "attention_output"
 _TYPE_PREFIX = "TYPE_"
 
 
@@ -56,6 +63,25 @@ class ModelSpec:
     # 0 = no priority queues.
     priority_levels: int = 0
     default_priority_level: int = 0
+    # config.pbtxt's model-level parameters (string values), e.g. the OOD output's name.
+    parameters: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    # operating_point.json: positive_labels, target_sensitivity, auto_finalise_positive.
+    operating_point: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # Per version: its gate.json (derived OOD and operating-point thresholds); {} when absent.
+    gates: dict[int, dict[str, Any]] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def probs_output(self) -> str:
+        """The class-probability output: the first that names a label file, else the first."""
+        return next((t.name for t in self.outputs if t.label_filename), self.outputs[0].name)
+
+    @property
+    def ood_output(self) -> str | None:
+        return self.parameters.get(OOD_OUTPUT_PARAMETER) or None
+
+    @property
+    def attention_output(self) -> str | None:
+        return self.parameters.get(ATTENTION_OUTPUT_PARAMETER) or None
 
     def input(self, name: str) -> TensorSpec:
         return _by_name(self.inputs, name, self.name)
@@ -109,6 +135,11 @@ def load_model_spec(repo: Path, name: str) -> ModelSpec:
     inputs = tuple(_tensor_spec(t, path) for t in config.input)
     outputs = tuple(_tensor_spec(t, path) for t in config.output)
     batching = config.dynamic_batching
+    parameters = {k: v.string_value for k, v in config.parameters.items()}
+    names = {t.name for t in outputs}
+    for key in (OOD_OUTPUT_PARAMETER, ATTENTION_OUTPUT_PARAMETER):
+        if parameters.get(key) and parameters[key] not in names:
+            raise ModelConfigError(path, f"parameter {key} names no output: {parameters[key]!r}")
     return ModelSpec(
         name=name,
         max_batch_size=config.max_batch_size,
@@ -116,9 +147,14 @@ def load_model_spec(repo: Path, name: str) -> ModelSpec:
         outputs=outputs,
         labels=_labels(model_dir, outputs),
         versions=version_dirs(model_dir),
-        preprocess=_preprocess(model_dir),
+        preprocess=_json_object(model_dir / PREPROCESS_FILENAME),
         priority_levels=batching.priority_levels,
         default_priority_level=batching.default_priority_level,
+        parameters=parameters,
+        operating_point=_json_object(model_dir / OPERATING_POINT_FILENAME),
+        gates={
+            v: _json_object(model_dir / str(v) / GATE_FILENAME) for v in version_dirs(model_dir)
+        },
     )
 
 
@@ -164,8 +200,7 @@ def _labels(model_dir: Path, outputs: tuple[TensorSpec, ...]) -> tuple[str, ...]
     return ()
 
 
-def _preprocess(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / PREPROCESS_FILENAME
+def _json_object(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:

@@ -19,6 +19,7 @@ from pydicom.uid import generate_uid
 
 from orchestrator import routing
 from orchestrator.api import create_app
+from orchestrator.applicability import load_sets
 from orchestrator.db import connect_pool
 from orchestrator.inference import PRIORITY_DEFAULT, TritonInference, check_outputs
 from orchestrator.pipeline import WorkerContext, process_study
@@ -147,6 +148,7 @@ def _run(settings_env: dict[str, str], make_key: Any, corrupt: dict[str, Corrupt
                 store=open_store(settings.storage_url),
                 inference=inference,
                 models=MODELS,
+                sets=load_sets(REPO_ROOT / "model_repository", MODELS),
                 worker_name="outputs-test",
             )
             status = process_study(ctx, study_id, job_id(study_id))

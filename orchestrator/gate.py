@@ -138,6 +138,54 @@ def thresholds(conn: Connection, model: str, version: int, default_confidence: f
     return _resolve(_stored(conn, [model]), model, version, default_confidence)
 
 
+def effective_thresholds(
+    conn: Connection, spec: ModelSpec, default_confidence: float
+) -> list[dict[str, Any]]:
+    """Per version of ``spec``: every value the gate applies and where each came from (a
+    ``gate_thresholds`` row, the worker's default, operating_point.json, gate.json)."""
+    stored = _stored(conn, [spec.name])
+    rows = []
+    for version in spec.versions:
+        if (spec.name, version) in stored:
+            source = f"gate_thresholds (version {version})"
+        elif (spec.name, 0) in stored:
+            source = "gate_thresholds (model default)"
+        else:
+            source = "settings (REVIEW_CONFIDENCE_THRESHOLD) and gate.py defaults"
+        t = _resolve(stored, spec.name, version, default_confidence)
+        derived = spec.gates.get(version, {})
+        op = derived.get("operating_point") or {}
+        ood = derived.get("ood") or {}
+        rows.append(
+            {
+                "version": version,
+                "min_confidence": t.min_confidence,
+                "max_entropy": t.max_entropy,
+                "critical_probability": t.critical_probability,
+                "confidence_source": source,
+                "positive_labels": ",".join(findings.positive_labels(spec)),
+                "target_sensitivity": spec.operating_point.get("target_sensitivity"),
+                "operating_threshold": findings.operating_threshold(spec, version),
+                "operating_source": (
+                    f"{version}/gate.json ({op.get('derived_on', 'derivation not stated')})"
+                    if op
+                    else "none: top-class decision, positives always reviewed"
+                ),
+                "auto_finalise_positive": bool(
+                    spec.operating_point.get("auto_finalise_positive", False)
+                ),
+                "ood_threshold": ood.get("threshold"),
+                "ood_source": (
+                    f"{version}/gate.json (validation false-flag rate "
+                    f"{ood.get('val_false_flag_rate')})"
+                    if ood
+                    else ("missing: every result reviewed" if spec.ood_output else "no OOD output")
+                ),
+            }
+        )
+    return rows
+
+
 def list_thresholds(conn: Connection, model: str) -> list[dict[str, Any]]:
     """The model's stored rows (version 0 = every version without its own row)."""
     with conn.cursor(row_factory=dict_row) as cur:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -134,7 +135,8 @@ def _dispatch(
 def _thresholds(args: argparse.Namespace, settings: CliSettings, conn: psycopg.Connection) -> None:
     """Show the model's gate thresholds; with any value given, set them for --version first
     (values not given keep what applies to that version now)."""
-    if args.model not in load_repository(settings.model_repository):
+    spec = load_repository(settings.model_repository).get(args.model)
+    if spec is None:
         raise MedtriageError(f"no model {args.model!r} in the repository")
     given = (args.min_confidence, args.max_entropy, args.critical_probability)
     if any(v is not None for v in given):
@@ -152,7 +154,8 @@ def _thresholds(args: argparse.Namespace, settings: CliSettings, conn: psycopg.C
             ),
             actor=_actor(),
         )
-    print(table(gate.list_thresholds(conn, args.model)))
+    rows = gate.effective_thresholds(conn, spec, settings.review_confidence_threshold)
+    print(table(rows) if not args.json else json.dumps(rows, indent=2))
 
 
 def add_parser(sub: Any) -> None:
@@ -185,11 +188,14 @@ def add_parser(sub: Any) -> None:
     p = msub.add_parser("rollback", help="restore the split before the last change")
     p.add_argument("model")
     p = msub.add_parser(
-        "thresholds", help="show or set the confidence gate's thresholds (review reasons)"
+        "thresholds",
+        help="the effective gate values per version and where each came from (confidence,"
+        " entropy, operating point, OOD); set the confidence ones with the options",
     )
     p.add_argument("model")
     p.add_argument("--version", type=int, default=0, help="0 = the model's default")
     p.add_argument("--min-confidence", type=float)
     p.add_argument("--max-entropy", type=float)
     p.add_argument("--critical-probability", type=float)
+    p.add_argument("--json", action="store_true", help="the effective values as JSON")
     models.set_defaults(func=run)

@@ -3,6 +3,7 @@ claims, verdicts, release, refusals that change nothing, and ground-truth figure
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -354,10 +355,18 @@ def test_gate_thresholds_over_the_api_and_the_cli(
             timeout=120,
         )
 
-    done = cli("--version", "1", "--min-confidence", "0.75")
+    done = cli("--version", "1", "--min-confidence", "0.75", "--json")
     assert done.returncode == 0, done.stdout + done.stderr
-    rows = [line.split() for line in done.stdout.splitlines()[2:]]
-    assert [(r[0], r[1], r[2]) for r in rows] == [("triage", "1", "0.75"), ("triage", "2", "0.75")]
+    rows = json.loads(done.stdout)
+    assert [(r["version"], r["min_confidence"], r["confidence_source"]) for r in rows] == [
+        (1, 0.75, "gate_thresholds (version 1)"),
+        (2, 0.75, "gate_thresholds (version 2)"),
+    ]
+    # Every version states its operating point and OOD threshold and where they came from.
+    for r in rows:
+        assert r["positive_labels"] == "pneumonia" and r["target_sensitivity"] == 0.97, r
+        assert r["operating_threshold"] is not None and "gate.json" in r["operating_source"], r
+        assert r["ood_threshold"] is not None and "gate.json" in r["ood_source"], r
     refused = cli("--version", "1", "--min-confidence", "2")
     assert refused.returncode == 2 and "min_confidence must be in [0, 1]" in refused.stdout
     with psycopg.connect(world["db"]) as conn:

@@ -85,33 +85,39 @@ def sample_studies() -> list[dict[str, Any]]:
     ]
 
 
+# Characters of a not-applicable reason shown in the summary table (the report has all of it).
+REASON_WIDTH = 70
+
+
 def _summary_row(name: str, study: dict[str, Any]) -> dict[str, Any]:
     live = [r for i in study["instances"] for r in i["results"] if r["arm"] == "live"]
-    triage = [r for r in live if r["model"] == "triage"]
-    analysis = [r for r in live if r["model"] == "analysis"]
-    labels: dict[str, int] = {}
-    for r in triage:
-        labels[r["label"]] = labels.get(r["label"], 0) + 1
-    worst = min((r["confidence"] for r in triage), default=float("nan"))
-    finding_codes = sorted(
-        {
-            f["code"] + ("@" + "/".join(f.get("zones", [])[:2]) if f.get("zones") else "")
-            for r in analysis
-            for f in r["findings"]
-        }
+    labels: dict[str, dict[str, int]] = {}
+    for r in live:
+        per_model = labels.setdefault(r["model"], {})
+        per_model[r["label"]] = per_model.get(r["label"], 0) + 1
+    worst = min((r["confidence"] for r in live), default=float("nan"))
+    finding_codes = sorted({f["code"] for r in live for f in r["findings"]})
+    reasons = sorted(
+        {i["error"] or "" for i in study["instances"] if i["status"] == "not_applicable"}
     )
     t = study["timings_ms"]
+    inference = sum(v for k, v in t.items() if k in {r["model"] for r in live})
     return {
         "study": name,
         "status": study["status"],
         "images": len(study["instances"]),
-        "triage": ", ".join(f"{k}×{v}" for k, v in sorted(labels.items())) or "-",
-        "min_conf": f"{worst:.2f}" if triage else "-",
+        "results": "; ".join(
+            f"{model} " + ",".join(f"{k}x{v}" for k, v in sorted(counts.items()))
+            for model, counts in sorted(labels.items())
+        )
+        or "-",
+        "min_conf": f"{worst:.2f}" if live else "-",
         "findings": "; ".join(finding_codes) or "-",
-        "versions": ",".join(sorted({f"{r['model'][0]}v{r['version']}" for r in live})) or "-",
+        "versions": ",".join(sorted({f"{r['model']}:v{r['version']}" for r in live})) or "-",
+        "review": ",".join((study.get("review") or {}).get("reasons") or []) or "-",
+        "not_applicable_because": (reasons[0][:REASON_WIDTH] if reasons else "-"),
         "prep_ms": f"{t.get('preprocess', 0):.0f}",
-        "triage_ms": f"{t.get('triage', 0):.0f}",
-        "analysis_ms": f"{t.get('analysis', 0):.0f}",
+        "infer_ms": f"{inference:.0f}",
         "total_ms": f"{t.get('total_worker', 0):.0f}",
     }
 

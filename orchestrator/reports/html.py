@@ -20,7 +20,7 @@ def _findings(findings: list[dict[str, Any]] | None) -> str:
         return "—"
     return "; ".join(
         f"{_e(f.get('code'))} {float(f.get('probability', 0.0)):.2f}"
-        + (f" ({_e(', '.join(f['zones']))})" if f.get("zones") else "")
+        + (f" ({_e(f['attention'])})" if f.get("attention") else "")
         for f in findings
     )
 

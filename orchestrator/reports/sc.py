@@ -1,9 +1,8 @@
 """The report as a DICOM Secondary Capture: every preview side by side with the findings drawn
 on it, for viewers that show images but not structured reports.
 
-Each tile is one image's JPEG preview with its live results written underneath and, for an
-analysis finding, the lung zones it names outlined (zones as in ``orchestrator.findings``:
-upper/middle/lower thirds; "right" is the patient's right, the image's left). A banner
+Each tile is one image's JPEG preview with its live results written underneath (no
+locations: the models were not validated for localisation, orchestrator/findings.py). A banner
 says the image is AI output and not a diagnosis. The SC joins the source study (patient and
 study modules from the first source) and lists the sources in (0008,2112) Source Image
 Sequence.
@@ -29,9 +28,6 @@ BANNER = 36
 SERIES_NUMBER = 9702
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _WHITE = (255, 255, 255)
-_FINDING = (255, 64, 64)  # RGB
-_ROWS = ("upper", "middle", "lower")
-_COLS = ("right", "left")  # patient side, image-left first
 
 
 def _ascii(text: str) -> str:
@@ -44,18 +40,6 @@ def _tile(jpeg: bytes | None, results: list[dict[str, Any]], lines: int) -> np.n
         img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
         if img is not None:
             canvas[:TILE] = cv2.cvtColor(cv2.resize(img, (TILE, TILE)), cv2.COLOR_BGR2RGB)
-    third = TILE // 3
-    for r in results:
-        if r["arm"] != "live":
-            continue
-        for f in r.get("findings") or []:
-            for zone in f.get("zones") or []:
-                side, _, level = zone.partition("_")
-                if side in _COLS and level in _ROWS:
-                    x, y = _COLS.index(side) * TILE // 2, _ROWS.index(level) * third
-                    cv2.rectangle(
-                        canvas, (x + 2, y + 2), (x + TILE // 2 - 3, y + third - 3), _FINDING, 2
-                    )
     captions = [
         f"{r['model']} v{r['version']} {r['arm']}: {r['label']} {float(r['confidence']):.2f}"
         for r in results

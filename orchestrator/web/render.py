@@ -61,8 +61,7 @@ def _findings(findings: list[dict[str, Any]] | None) -> str:
         return "—"
     parts = []
     for f in findings:
-        zones = ", ".join(f.get("zones") or [])
-        where = f" ({_e(zones)})" if zones else ""
+        where = f" ({_e(f['attention'])})" if f.get("attention") else ""
         parts.append(f"{_e(f.get('code'))} {float(f.get('probability', 0.0)):.2f}{where}")
     return "; ".join(parts)
 

@@ -106,8 +106,9 @@ class ModelSet:
             if value not in rule:
                 reasons.append(f"{what} {value} is not one of {', '.join(sorted(rule))}")
 
-        listed(self.sop_classes, _text(ds, "SOPClassUID"), "SOP class", None)
+        # The most telling rule first: a reader sees "Modality CT is not one of CR, DX" first.
         listed(self.modalities, _text(ds, "Modality").upper(), "Modality", None)
+        listed(self.sop_classes, _text(ds, "SOPClassUID"), "SOP class", None)
         listed(
             self.body_parts, _text(ds, "BodyPartExamined").upper(), "BodyPartExamined", "body_part"
         )

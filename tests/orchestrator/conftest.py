@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 from orchestrator.db import connect_pool
 from orchestrator.samples import radiograph
 
-TERMINAL = {"done", "failed", "needs_review"}
+TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 WAIT_S = 120.0
 
 

@@ -40,7 +40,7 @@ from orchestrator.security.crypto import (
 )
 from orchestrator.storage import LocalStore, S3Store, open_store
 
-TERMINAL = {"done", "failed", "needs_review"}
+TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 WAIT_S = 120.0
 
 

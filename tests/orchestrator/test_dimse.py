@@ -37,7 +37,7 @@ TENANT = "tenant-dimse"
 SIZE = 64
 START_TIMEOUT_S = 30.0
 TOOL_TIMEOUT_S = 60
-TERMINAL = {"done", "failed", "needs_review"}
+TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 WAIT_S = 120.0
 # The receiver's default stable age (MEDTRIAGE_INGEST_STABLE_AGE_S).
 STABLE_AGE_S = 60.0

@@ -22,7 +22,7 @@ from orchestrator.triton.config import load_repository
 
 pytestmark = pytest.mark.integration
 
-TERMINAL = {"done", "failed", "needs_review"}
+TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 # Triton (python backend) and a direct ORT session run the same graph on the same tensor.
 RESULT_TOLERANCE = 1e-5
 WAIT_S = 120.0
@@ -64,15 +64,33 @@ def _direct_ort(data: bytes, model: str, version: int) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"], ids=["ct-small", "mr-small"])
-def test_pydicom_study_end_to_end_matches_direct_onnxruntime(
-    client: httpx.Client, name: str
-) -> None:
+def test_images_no_model_was_made_for_end_not_applicable(client: httpx.Client, name: str) -> None:
+    """A CT slice and an MR slice meet no model set's rules: no result, no review, never
+    "normal" — the study ends not_applicable and says which rules failed."""
     data = Path(str(get_testdata_file(name))).read_bytes()
     # pydicom's files share StudyInstanceUIDs across runs; the test DB is fresh per session.
     response = client.post("/v1/studies", files=[("files", (name, data, "application/dicom"))])
     assert response.status_code == 202, response.text
     body = response.json()
     assert body["files"][0]["outcome"] in ("accepted", "duplicate")
+    study = _wait(client, body["id"])
+    assert study["status"] == "not_applicable", study
+    instance = study["instances"][0]
+    assert instance["status"] == "not_applicable" and instance["results"] == []
+    assert instance["error"].startswith("chest_xr: Modality "), instance["error"]
+    assert "is not one of CR, DX" in instance["error"]
+    assert study["review"] is None
+    report = client.get(f"/v1/studies/{body['id']}/report").json()
+    assert report["study"]["status"] == "not_applicable"
+    assert report["instances"][0]["status"] == "not_applicable"
+
+
+def test_chest_study_end_to_end_matches_direct_onnxruntime(client: httpx.Client) -> None:
+    images, _ = load_samples()
+    data = radiograph(images[0], study_uid=generate_uid(), size=(640, 512))
+    response = client.post("/v1/studies", files=[("files", ("cr.dcm", data, "application/dicom"))])
+    assert response.status_code == 202, response.text
+    body = response.json()
     study = _wait(client, body["id"])
     assert study["status"] in ("done", "needs_review"), study
     instance = study["instances"][0]
@@ -86,7 +104,11 @@ def test_pydicom_study_end_to_end_matches_direct_onnxruntime(
                 np.asarray(values, dtype=np.float32), expected[output], atol=RESULT_TOLERANCE
             )
         assert result["label"] in ("normal", "pneumonia")
-        assert result["confidence"] == pytest.approx(max(result["outputs"]["probs"]), abs=1e-6)
+        # The label is the decision at the operating point; its probability is the confidence.
+        index = ("normal", "pneumonia").index(result["label"])
+        assert result["confidence"] == pytest.approx(result["outputs"]["probs"][index], abs=1e-6)
+        for finding in result["findings"]:
+            assert "zones" not in finding
     for stage in ("queue_wait", "fetch", "preprocess", "triage", "analysis", "report"):
         assert stage in study["timings_ms"], study["timings_ms"]
 

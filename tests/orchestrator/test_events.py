@@ -17,7 +17,7 @@ from orchestrator.samples import load_samples, radiograph
 pytestmark = pytest.mark.integration
 
 STREAM_TIMEOUT_S = 120.0
-TERMINAL = {"done", "failed", "needs_review"}
+TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 
 
 def _events(response: httpx.Response) -> Any:

@@ -51,7 +51,7 @@ SETTLE_TIMEOUT_S = 60.0 + 2 * sum(jobqueue.RETRY_INTERVALS_S)
 # An upload refused with 503 is sent again after Retry-After, at most this many times.
 UPLOAD_RETRIES = 60
 UPLOAD_RETRY_CAP_S = 1.0
-TERMINAL = ("done", "needs_review", "failed")
+TERMINAL = ("done", "needs_review", "failed", "not_applicable")
 _POLL_S = 0.25
 
 FIGURES: list[tuple[str, str, str]] = []

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 SIZE = 64
 TENANT = "tenant-import"
-TERMINAL = {"done", "failed", "needs_review"}
+TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 WAIT_S = 120.0
 CLI_TIMEOUT_S = 120
 

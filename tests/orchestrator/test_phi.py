@@ -25,7 +25,7 @@ from orchestrator.stack import log_dir
 pytestmark = pytest.mark.integration
 
 TENANT = "tenant-phi"
-TERMINAL = {"done", "failed", "needs_review"}
+TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 WAIT_S = 120.0
 # Redis values are searched as stored and, where they are zlib streams (RQ job payloads
 # are compressed pickles), decompressed too.

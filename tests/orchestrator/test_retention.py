@@ -28,7 +28,7 @@ from orchestrator.retention import KINDS, set_legal_hold, set_policy
 
 pytestmark = pytest.mark.integration
 
-TERMINAL = {"done", "failed", "needs_review"}
+TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 WAIT_S = 120.0
 POLICY = timedelta(seconds=1)
 

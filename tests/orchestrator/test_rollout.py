@@ -18,7 +18,7 @@ from orchestrator.samples import load_samples, radiograph
 
 pytestmark = pytest.mark.integration
 
-TERMINAL = {"done", "failed", "needs_review"}
+TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 SPLIT_STUDIES = 200
 # Binomial σ for 200 studies at p=0.5 is 3.5 %; ±12 % is beyond 3σ.
 SPLIT_TOLERANCE = 0.12

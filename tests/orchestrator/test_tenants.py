@@ -21,7 +21,7 @@ from orchestrator.settings import ApiSettings
 
 pytestmark = pytest.mark.integration
 
-TERMINAL = {"done", "failed", "needs_review"}
+TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 WAIT_S = 120.0
 # Path parameters that name a tenant's data; replaying them across tenants must give 404.
 TENANT_OWNED = {

@@ -99,7 +99,7 @@ def case_results(conn: Connection, study_id: UUID) -> list[dict[str, Any]]:
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(
             "SELECT r.instance_id, r.model, r.version, r.arm, r.label, r.confidence, r.findings,"
-            " i.preview_key IS NOT NULL AS has_preview, i.warnings"
+            " r.outputs, i.preview_key IS NOT NULL AS has_preview, i.warnings"
             " FROM results r JOIN instances i ON i.id = r.instance_id"
             " WHERE r.study_id = %s ORDER BY i.created_at, r.model, r.arm, r.version",
             (study_id,),

@@ -16,10 +16,11 @@ from pydantic import BaseModel, Field
 
 from orchestrator import review, webhooks
 from orchestrator.api.deps import ServicesDep, audit, require
+from orchestrator.applicability import load_sets
 from orchestrator.db import translate_errors
 from orchestrator.db.keys import Principal
 from orchestrator.reports import regenerate
-from orchestrator.triton.config import load_repository
+from orchestrator.triton.config import ModelSpec, load_repository
 from orchestrator.web import render
 
 router = APIRouter(prefix="/v1/review", tags=["review"])
@@ -48,21 +49,41 @@ def _public(case: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _labels(services: ServicesDep) -> tuple[str, ...]:
+def _labels(services: ServicesDep, results: list[dict[str, Any]] | None = None) -> tuple[str, ...]:
+    """The labels a verdict may name: those of the case's model set's first model (the chest
+    triage model's when the case has no live result)."""
     repo = load_repository(services.settings.model_repository)
+    entry = {s.models[0] for s in load_sets(services.settings.model_repository, repo)}
+    for r in results or []:
+        if r["arm"] == "live" and r["model"] in entry:
+            return repo[r["model"]].labels
     return repo[REVIEW_MODEL].labels
+
+
+def _attention(repo: dict[str, ModelSpec], r: dict[str, Any]) -> list[list[float]] | None:
+    spec = repo.get(r["model"])
+    name = spec.attention_output if spec is not None else None
+    grid = (r.get("outputs") or {}).get(name) if name else None
+    return grid if isinstance(grid, list) else None
 
 
 def _case_view(services: ServicesDep, principal: Principal, case_id: UUID) -> dict[str, Any]:
     with translate_errors(), services.pool.connection() as conn:
         case = review.get_case(conn, principal.tenant_id, case_id)
         results = review.case_results(conn, case["study_id"])
+    repo = load_repository(services.settings.model_repository)
     out = _public(case)
     out["results"] = [
-        {**r, "instance_id": str(r["instance_id"]), "confidence": round(float(r["confidence"]), 4)}
+        {
+            **{k: v for k, v in r.items() if k != "outputs"},
+            "instance_id": str(r["instance_id"]),
+            "confidence": round(float(r["confidence"]), 4),
+            # The model's attention map for the reviewer's overlay (not a localisation).
+            "attention": _attention(repo, r),
+        }
         for r in results
     ]
-    out["labels"] = list(_labels(services))
+    out["labels"] = list(_labels(services, results))
     out["mine"] = case["claimed_by"] == principal.key_id
     return out
 
@@ -211,9 +232,11 @@ def verdict(
 ) -> dict[str, Any]:
     """Close the case. The verdict, the report revision it causes and the webhook notices
     commit in one transaction: if any part fails, nothing changes."""
-    labels = _labels(services)
 
     def close(conn: Connection) -> dict[str, Any]:
+        # The labels of the case's own model set (a breast case takes breast labels).
+        study_id = review.get_case(conn, principal.tenant_id, case_id)["study_id"]
+        labels = _labels(services, review.case_results(conn, study_id))
         case = review.record_verdict(
             conn,
             principal.tenant_id,

@@ -24,7 +24,29 @@ REASON_TEXT = {
     "unusual_photometric": "unusual photometric interpretation",
     "frames_dropped": "only the first frame of a multi-frame image was read",
     "instance_failed": "an image of the study could not be processed",
+    "positive_finding": "positive at the model's stated operating point (never finalised unreviewed)",
+    "out_of_distribution": "the image is unlike what the model learned from: its output means little",
+    "applicability_uncertain": "a tag the model set's rules need was absent (body part, view or age)",
 }
+# The attention overlay's colour (RGB) at full activation; opacity follows the activation.
+_ATTENTION_FILL = "#ff4020"
+ATTENTION_LABEL = "Show model attention (not validated for localisation)"
+
+
+def _attention_svg(grid: list[list[float]]) -> str:
+    """The attention map as an SVG grid laid over the preview, hidden until toggled."""
+    rows, cols = len(grid), len(grid[0]) if grid else 0
+    cells = "".join(
+        f'<rect x="{c}" y="{r}" width="1" height="1" fill-opacity="{max(0.0, min(1.0, float(v))) * 0.6:.3f}"/>'
+        for r, row in enumerate(grid)
+        for c, v in enumerate(row)
+    )
+    return (
+        f'<svg class="attention" hidden viewBox="0 0 {cols} {rows}" preserveAspectRatio="none"'
+        f' fill="{_ATTENTION_FILL}" aria-label="model attention map" role="img">{cells}</svg>'
+    )
+
+
 DISCLAIMER = "AI-generated triage output, not a diagnosis."
 
 
@@ -80,6 +102,14 @@ def _instances(view: dict[str, Any]) -> str:
             else "<p>No preview.</p>"
         )
         warnings = ", ".join(first.get("warnings") or []) or "none"
+        grid = next(
+            (r["attention"] for r in results if r["arm"] == "live" and r.get("attention")), None
+        )
+        if grid and first["has_preview"]:
+            img = (
+                f'<div class="overlay">{img}{_attention_svg(grid)}</div>'
+                f'<label><input type="checkbox" class="attention-toggle"> {ATTENTION_LABEL}</label>'
+            )
         rows = "".join(
             f'<tr class="result arm-{_e(r["arm"])}"><td>{_e(r["model"])}</td>'
             f"<td>{_e(r['version'])}</td><td>{_e(r['arm'])}</td><td>{_e(r['label'])}</td>"
@@ -158,6 +188,8 @@ a:focus,button:focus,select:focus,textarea:focus,input:focus{outline:3px solid #
 td,th{border:1px solid #bbb;padding:.2rem .5rem}.arm-shadow{color:#666}
 .instance{display:flex;gap:1rem;align-items:flex-start}.disclaimer{font-weight:bold}
 #status{min-height:1.5rem;color:#1a5fb4}
+.overlay{position:relative;display:inline-block}.overlay svg{position:absolute;inset:0;
+width:100%;height:100%;pointer-events:none}
 """
 
 _SCRIPT = r"""
@@ -233,6 +265,11 @@ document.getElementById('login').addEventListener('submit', async (ev) => {
   document.getElementById('app').hidden = false;
   say('Signed in.');
   await route();
+});
+main.addEventListener('change', (ev) => {
+  if (!ev.target.classList.contains('attention-toggle')) return;
+  const svg = ev.target.closest('figure').querySelector('svg.attention');
+  if (svg) svg.hidden = !ev.target.checked;
 });
 main.addEventListener('click', (ev) => {
   const b = ev.target.closest('button[data-action]');

@@ -98,6 +98,16 @@ def test_reviewer_overrides_a_case_with_the_keyboard(
     preview = page.locator("img.preview").first
     expect(preview).to_have_attribute("src", re.compile("^blob:"))
     page.wait_for_function("document.querySelector('img.preview').naturalWidth > 0")
+    # The analysis model's attention map: an overlay the reviewer toggles, labelled as model
+    # attention that is not validated for localisation (no zone findings anywhere).
+    overlay = page.locator("svg.attention").first
+    expect(overlay).to_be_hidden()
+    expect(overlay.locator("rect")).to_have_count(49)
+    toggle = page.get_by_label(re.compile("model attention \\(not validated for localisation\\)"))
+    toggle.first.check()
+    expect(overlay).to_be_visible()
+    toggle.first.uncheck()
+    expect(overlay).to_be_hidden()
 
     # Claim (c), then override: o focuses the label list, type to choose, Tab to the note.
     page.keyboard.press("c")

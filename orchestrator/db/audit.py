@@ -8,6 +8,7 @@ recomputes the hashes and links here.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -49,6 +50,74 @@ def record(
             Jsonb(detail or {}),
         ),
     )
+
+
+STORED_OUTCOMES = ("accepted", "duplicate")
+
+
+def record_upload(
+    conn: Connection,
+    *,
+    studies: Mapping[UUID, Mapping[str, int]],
+    principal: str,
+    action: str,
+    detail: dict[str, Any],
+    tenant_id: UUID | None = None,
+    principal_id: UUID | None = None,
+    request_id: str | None = None,
+    source_ip: str | None = None,
+) -> None:
+    """Audit one upload (an HTTP request, a C-STORE association, an import run): one row per
+    study it touched, whatever their number.
+
+    One row per study, not one row listing them: ``resource_id`` stays one study id, so a
+    study's trail (``query(resource_id=...)``) finds every upload of it, and the row stays
+    within the btree limit of the ``audit_log_resource`` index (2704 bytes), which a list of
+    a hundred ids passed (#24). The rows of one upload share ``request_id``; each row's
+    detail holds the upload's own ``detail``, how many ``studies`` it touched and this
+    study's ``instances`` by outcome (``accepted``, ``duplicate``, ``rejected``). A study is
+    ``ok`` when any of its instances is stored. An upload that reached no study (everything
+    refused before a study was known) has one row without ``resource_id``, ``rejected``.
+    """
+    rows: list[tuple[str | None, str, dict[str, Any]]] = [
+        (
+            str(study_id),
+            "ok" if any(counts.get(o) for o in STORED_OUTCOMES) else "rejected",
+            {**detail, "studies": len(studies), "instances": dict(counts)},
+        )
+        for study_id, counts in studies.items()
+    ] or [(None, "rejected", {**detail, "studies": 0})]
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO audit_log (tenant_id, principal_id, principal, action, resource_type,"
+            " resource_id, outcome, request_id, source_ip, detail)"
+            " VALUES (%s, %s, %s, %s, 'study', %s, %s, %s, %s, %s)",
+            [
+                (
+                    tenant_id,
+                    principal_id,
+                    principal,
+                    action,
+                    resource_id,
+                    outcome,
+                    request_id,
+                    source_ip,
+                    Jsonb(row_detail),
+                )
+                for resource_id, outcome, row_detail in rows
+            ],
+        )
+
+
+def tally(outcomes: Iterable[tuple[UUID | None, str]]) -> dict[UUID, dict[str, int]]:
+    """Per study, its files by outcome, from (study id, outcome) pairs; files without a study
+    are left out (the upload's own counts hold them)."""
+    out: dict[UUID, dict[str, int]] = {}
+    for study_id, outcome in outcomes:
+        if study_id is not None:
+            counts = out.setdefault(study_id, {})
+            counts[outcome] = counts.get(outcome, 0) + 1
+    return out
 
 
 # The chain's first prev_hash (no row before it).

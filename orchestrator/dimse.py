@@ -169,7 +169,20 @@ class StoreSCP:
         if state is None:
             return
         released = event.event.name == "EVT_RELEASED"
-        # Audited first and on its own: a failure to queue must not lose the audit rows.
+        # Each step on its own: a failure to queue must not lose the audit rows, nor the
+        # reverse. The audit rows come last, so their time marks the association's end.
+        try:
+            for study_id, counts in state.studies.items():
+                if counts.get(ingest.ACCEPTED):
+                    ingest.record_arrival(
+                        self.pool,
+                        study_id,
+                        source="dimse",
+                        instances=0,
+                        complete=self.release_completes and released,
+                    )
+        except Exception:  # noqa: BLE001 - logged; the stored instances stay and can be requeued
+            log.exception("queueing after the association from %s failed", state.calling_ae)
         try:
             with translate_errors(), self.pool.connection() as conn:
                 record_upload(
@@ -183,18 +196,6 @@ class StoreSCP:
                 )
         except Exception:  # noqa: BLE001 - logged; nothing stored depends on the audit row
             log.exception("auditing the association from %s failed", state.calling_ae)
-        try:
-            for study_id, counts in state.studies.items():
-                if counts.get(ingest.ACCEPTED):
-                    ingest.record_arrival(
-                        self.pool,
-                        study_id,
-                        source="dimse",
-                        instances=0,
-                        complete=self.release_completes and released,
-                    )
-        except Exception:  # noqa: BLE001 - logged; the stored instances stay and can be requeued
-            log.exception("queueing after the association from %s failed", state.calling_ae)
 
 
 def _status(code: int, comment: str = "") -> Dataset:

@@ -14,7 +14,6 @@ from psycopg_pool import PoolTimeout
 
 from orchestrator import retry
 from orchestrator.db import translate_errors
-from orchestrator.db.audit import record
 from orchestrator.errors import DependencyBusy, DependencyUnavailable
 
 
@@ -86,15 +85,13 @@ def test_a_refused_statement_is_raised_as_itself(exc: BaseException) -> None:
 
 @pytest.mark.integration
 def test_an_oversized_index_row_from_postgresql_is_not_an_outage(database_url: str) -> None:
-    # The failure of #24, from the real server: a resource_id over the btree's 2704 bytes.
+    # The failure of #24, from the real server: a resource_id over the btree's 2704 bytes
+    # (``record`` now bounds it; a plain INSERT does not).
     with psycopg.connect(database_url) as conn:
         with pytest.raises(pg.ProgramLimitExceeded), translate_errors():
-            record(
-                conn,
-                principal="test",
-                action="test.oversized",
-                resource_type="study",
-                resource_id=secrets.token_hex(1860),  # 3720 bytes, incompressible
-                outcome="ok",
+            conn.execute(
+                "INSERT INTO audit_log (principal, action, resource_type, resource_id, outcome)"
+                " VALUES ('test', 'test.oversized', 'study', %s, 'ok')",
+                (secrets.token_hex(1860),),  # 3720 bytes, incompressible
             )
         conn.rollback()

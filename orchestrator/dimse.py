@@ -32,7 +32,7 @@ from redis import Redis
 
 from orchestrator import backpressure, dicomweb, ingest, metrics
 from orchestrator.db import translate_errors
-from orchestrator.db.audit import record
+from orchestrator.db.audit import record_upload
 from orchestrator.db.keys import Principal, ensure_tenant
 from orchestrator.errors import MedtriageError
 from orchestrator.storage import ObjectStore
@@ -49,9 +49,12 @@ ASSOCIATION_TIMEOUT_S = 30.0
 @dataclass
 class _Association:
     calling_ae: str
-    # Studies touched, and whether they gained instances.
-    studies: dict[UUID, bool] = field(default_factory=dict)
+    # Studies touched, each with its instances by outcome (accepted ones are new).
+    studies: dict[UUID, dict[str, int]] = field(default_factory=dict)
+    # Every C-STORE by outcome, refused ones (no study) included.
     counts: dict[str, int] = field(default_factory=dict)
+    # Shared by the association's audit rows (their request_id).
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 class StoreSCP:
@@ -144,9 +147,9 @@ class StoreSCP:
         metrics.observe_upload("dimse", outcome.outcome, data.stat().st_size)
         state.counts[outcome.outcome] = state.counts.get(outcome.outcome, 0) + 1
         if outcome.study_id is not None:
-            new = outcome.outcome == ingest.ACCEPTED
-            state.studies[outcome.study_id] = state.studies.get(outcome.study_id, False) or new
-            if new:  # restarts the study's stable-age clock
+            study = state.studies.setdefault(outcome.study_id, {})
+            study[outcome.outcome] = study.get(outcome.outcome, 0) + 1
+            if outcome.outcome == ingest.ACCEPTED:  # restarts the study's stable-age clock
                 try:
                     ingest.record_arrival(
                         self.pool, outcome.study_id, source="dimse", instances=1, complete=False
@@ -165,29 +168,34 @@ class StoreSCP:
             state = self._associations.pop(id(event.assoc), None)
         if state is None:
             return
+        released = event.event.name == "EVT_RELEASED"
+        # Each step on its own: a failure to queue must not lose the audit rows, nor the
+        # reverse. The audit rows come last, so their time marks the association's end.
         try:
-            for study_id, new in state.studies.items():
-                if new:
+            for study_id, counts in state.studies.items():
+                if counts.get(ingest.ACCEPTED):
                     ingest.record_arrival(
                         self.pool,
                         study_id,
                         source="dimse",
                         instances=0,
-                        complete=self.release_completes and event.event.name == "EVT_RELEASED",
+                        complete=self.release_completes and released,
                     )
+        except Exception:  # noqa: BLE001 - logged; the stored instances stay and can be requeued
+            log.exception("queueing after the association from %s failed", state.calling_ae)
+        try:
             with translate_errors(), self.pool.connection() as conn:
-                record(
+                record_upload(
                     conn,
+                    studies=state.studies,
                     tenant_id=self.principal.tenant_id,
                     principal=f"dimse:{state.calling_ae}",
                     action="study.dimse",
-                    resource_type="study",
-                    resource_id=",".join(str(s) for s in state.studies) or None,
-                    outcome="ok" if state.counts.get(ingest.ACCEPTED) else "rejected",
-                    detail={"counts": state.counts, "released": event.event.name == "EVT_RELEASED"},
+                    request_id=state.id,
+                    detail={"counts": state.counts, "released": released},
                 )
-        except Exception:  # noqa: BLE001 - logged; the stored instances stay and can be requeued
-            log.exception("queueing after the association from %s failed", state.calling_ae)
+        except Exception:  # noqa: BLE001 - logged; nothing stored depends on the audit row
+            log.exception("auditing the association from %s failed", state.calling_ae)
 
 
 def _status(code: int, comment: str = "") -> Dataset:

@@ -12,6 +12,8 @@ Tree::
     ├── NotFound                        (404)
     ├── Conflict                        (409)   e.g. an idempotency key still in flight
     ├── DependencyUnavailable           (503)   PostgreSQL, Redis, object store or Triton down
+    ├── DependencyBusy                  (503)   up, but refused this call for now (a deadlock,
+    │                                           a lock or statement timeout): retry it
     ├── StorageError                    (500)
     │   └── ObjectNotFound              (404)
     └── InferenceError                  (502)
@@ -72,6 +74,20 @@ class DependencyUnavailable(MedtriageError):
     def __init__(self, dependency: str, message: str) -> None:
         super().__init__(f"{dependency} unavailable: {message}")
         self.dependency = dependency
+
+
+class DependencyBusy(MedtriageError):
+    """The dependency is up but could not do this call now; the same call may succeed a moment
+    later. Not an outage: readiness and alerts about a dependency being down ignore it."""
+
+    http_status = 503
+    # Seconds a client waits before retrying (the conflict is usually gone by then).
+    RETRY_AFTER_S = 1
+
+    def __init__(self, dependency: str, message: str) -> None:
+        super().__init__(f"{dependency} busy: {message}, retry")
+        self.dependency = dependency
+        self.headers = {"Retry-After": str(self.RETRY_AFTER_S)}
 
 
 class StorageError(MedtriageError):

@@ -30,7 +30,7 @@ import preprocess
 from orchestrator import archive, ingest, metrics
 from orchestrator.db import studies as db
 from orchestrator.db import translate_errors
-from orchestrator.db.audit import record
+from orchestrator.db.audit import record_upload
 from orchestrator.db.keys import Principal, ensure_tenant
 from orchestrator.storage import ObjectStore
 
@@ -186,6 +186,8 @@ class _Run:
     summary: Summary = field(default_factory=Summary)
     # Studies touched since the last queueing, and whether they gained instances.
     pending: dict[UUID, bool] = field(default_factory=dict)
+    # Every study of the run with its files by outcome (the run's audit rows).
+    per_study: dict[UUID, dict[str, int]] = field(default_factory=dict)
 
     def one(self, source: Source) -> None:
         if source.problem is not None:
@@ -207,7 +209,7 @@ class _Run:
                 source.path if source.path is not None else io.BytesIO(data or b""),
             )
             if study_id is not None:
-                self._seen(study_id, new=False)
+                self._seen(study_id, ingest.DUPLICATE)
                 self.summary.duplicate += 1
                 metrics.observe_upload("import", ingest.DUPLICATE, 0)
                 return
@@ -239,15 +241,18 @@ class _Run:
             self.summary.imported += 1
         else:
             self.summary.duplicate += 1
-        self._seen(outcome.study_id, new=outcome.outcome == ingest.ACCEPTED)
+        self._seen(outcome.study_id, outcome.outcome)
 
     def _reject(self, name: str, reason: str) -> None:
         self.summary.rejected.append((name, reason))
         metrics.observe_upload("import", ingest.REJECTED, 0)
 
-    def _seen(self, study_id: UUID, *, new: bool) -> None:
+    def _seen(self, study_id: UUID, outcome: str) -> None:
         self.summary.studies.add(study_id)
+        new = outcome == ingest.ACCEPTED
         self.pending[study_id] = self.pending.get(study_id, False) or new
+        counts = self.per_study.setdefault(study_id, {})
+        counts[outcome] = counts.get(outcome, 0) + 1
 
     def queue(self) -> None:
         """Queue studies that gained instances, and those an earlier, interrupted import
@@ -298,14 +303,13 @@ def run(
     bar.update(len(items), state.summary, final=True)
     summary = state.summary
     with translate_errors(), pool.connection() as conn:
-        record(
+        record_upload(
             conn,
+            studies=state.per_study,
             tenant_id=tenant_id,
             principal=PRINCIPAL,
             action="study.import",
-            resource_type="study",
-            resource_id=None,
-            outcome="ok" if summary.imported or summary.duplicate else "rejected",
+            request_id=uuid.uuid4().hex,
             detail={
                 "imported": summary.imported,
                 "duplicate": summary.duplicate,

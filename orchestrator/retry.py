@@ -2,8 +2,10 @@
 
 Transient means the same call can succeed unchanged a moment later: Triton UNAVAILABLE
 (``ModelUnavailable``), the object store's 5xx/throttling or a lost connection
-(``DependencyUnavailable``), a dropped PostgreSQL connection or a deadlock
-(``psycopg.OperationalError``, which covers ``DeadlockDetected`` and the pool's timeout).
+(``DependencyUnavailable``), a deadlock or a timeout (``DependencyBusy``), and the same two
+kinds of untranslated psycopg error (``db.pool.is_outage`` / ``is_busy``: a dropped connection,
+the pool's timeout, ``DeadlockDetected``). A psycopg error that is neither (an index row over
+its limit, bad data, a violated constraint) is not transient: it would fail again unchanged.
 Everything else (bad input, a deadline exceeded, a programming error) is raised at once.
 A step that keeps failing transiently is raised after its attempts, and the job is retried
 as a whole by RQ and the reconciler.
@@ -19,15 +21,19 @@ from typing import TypeVar
 
 import psycopg
 
-from orchestrator.errors import DependencyUnavailable, ModelUnavailable
+from orchestrator.db.pool import is_busy, is_outage
+from orchestrator.errors import DependencyBusy, DependencyUnavailable, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# The classes that may be transient (an ``except`` clause needs a tuple); ``is_transient``
+# then sorts psycopg's OperationalError by SQLSTATE.
 TRANSIENT: tuple[type[BaseException], ...] = (
     ModelUnavailable,
     DependencyUnavailable,
+    DependencyBusy,
     psycopg.OperationalError,
 )
 # Attempts per step, including the first.
@@ -40,6 +46,8 @@ STEP_DEADLINE_S = 10.0
 
 
 def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, psycopg.Error):
+        return is_outage(exc) or is_busy(exc)
     return isinstance(exc, TRANSIENT)
 
 

@@ -8,7 +8,7 @@ refusal is audited; every accepted caller is rate limited per principal.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -19,9 +19,10 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from orchestrator.db import keys, translate_errors
-from orchestrator.db.audit import record
+from orchestrator.db.audit import record, record_upload, tally
 from orchestrator.db.keys import Principal
 from orchestrator.errors import AuthenticationError, DependencyUnavailable, PermissionDenied
+from orchestrator.ingest import FileOutcome
 from orchestrator.security import breakglass, oidc
 from orchestrator.security.ratelimit import RateLimiter
 from orchestrator.settings import ApiSettings
@@ -213,6 +214,35 @@ def audit(
             resource_type=resource_type,
             resource_id=resource_id,
             outcome=outcome,
+            request_id=request.state.request_id,
+            source_ip=_source(request),
+            detail=detail,
+        )
+
+
+def audit_upload(
+    request: Request,
+    services: Services,
+    principal: Principal,
+    *,
+    action: str,
+    files: Iterable[FileOutcome],
+    detail: dict[str, Any],
+    conn: Connection | None = None,
+) -> None:
+    """The audit rows of an upload that may span many studies: one per study (see
+    ``db.audit.record_upload``), sharing this request's id."""
+    with contextlib.ExitStack() as own:
+        if conn is None:
+            own.enter_context(translate_errors())
+            conn = own.enter_context(services.pool.connection())
+        record_upload(
+            conn,
+            studies=tally((f.study_id, f.outcome) for f in files),
+            tenant_id=principal.tenant_id,
+            principal_id=principal.key_id,
+            principal=principal.name,
+            action=action,
             request_id=request.state.request_id,
             source_ip=_source(request),
             detail=detail,

@@ -24,7 +24,7 @@ from fastapi.responses import Response
 
 from orchestrator import backpressure, dicomweb, ingest, metrics
 from orchestrator.api import uploads
-from orchestrator.api.deps import ServicesDep, Uploader, audit
+from orchestrator.api.deps import ServicesDep, Uploader, audit_upload
 from orchestrator.db.keys import Principal
 from orchestrator.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from orchestrator.ingest import ACCEPTED, REJECTED, FileOutcome
@@ -157,14 +157,12 @@ def _answer(
         outcomes.insert(index, outcome)
     failed = [o for o in outcomes if o.outcome == REJECTED]
     stored = len(outcomes) - len(failed)
-    audit(
+    audit_upload(
         request,
         services,
         principal,
         action="study.stow",
-        resource_type="study",
-        resource_id=",".join(str(s) for s in result.studies) or None,
-        outcome="ok" if stored else "rejected",
+        files=outcomes,
         detail={
             "accepted": sum(o.outcome == ACCEPTED for o in outcomes),
             "stored": stored,

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from orchestrator import backpressure, ingest, metrics
 from orchestrator.api import uploads
-from orchestrator.api.deps import Reader, ServicesDep, Uploader, audit
+from orchestrator.api.deps import Reader, ServicesDep, Uploader, audit, audit_upload
 from orchestrator.db import studies as db
 from orchestrator.db import translate_errors
 from orchestrator.db.keys import Principal
@@ -146,14 +146,12 @@ def _create(
             row = db.get_study(conn, study_id, tenant_id=principal.tenant_id)
             if row is not None:
                 studies.append({"id": str(study_id), "status": row["status"]})
-        audit(
+        audit_upload(
             request,
             services,
             principal,
             action="study.upload",
-            resource_type="study",
-            resource_id=",".join(s["id"] for s in studies) or None,
-            outcome="ok" if result.accepted else "rejected",
+            files=result.files,
             detail={"accepted": result.accepted, "files": len(result.files)},
             conn=conn,
         )

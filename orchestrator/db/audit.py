@@ -8,6 +8,7 @@ recomputes the hashes and links here.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,18 @@ from uuid import UUID
 from psycopg import Connection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+
+# Longest resource_id stored as is: in UTF-8 at most 4x this in bytes, well under the
+# 2704 bytes btree allows the (resource_type, resource_id) index row.
+RESOURCE_ID_MAX = 256
+# Characters of an over-long resource_id kept in front of its digest.
+_BOUNDED_PREFIX = RESOURCE_ID_MAX - 80
+
+
+def _bounded(resource_id: str) -> str:
+    # Distinct long values stay distinct: the digest covers the whole value.
+    digest = hashlib.sha256(resource_id.encode()).hexdigest()
+    return f"{resource_id[:_BOUNDED_PREFIX]}...sha256:{digest}"
 
 
 def record(
@@ -32,6 +45,12 @@ def record(
     source_ip: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> None:
+    """One row. A ``resource_id`` over ``RESOURCE_ID_MAX`` characters (a request path, say)
+    is stored bounded, its whole value in ``detail["resource_id"]``: unbounded, it could
+    pass the ``audit_log_resource`` index's row limit and the row would be refused."""
+    if resource_id is not None and len(resource_id) > RESOURCE_ID_MAX:
+        detail = {**(detail or {}), "resource_id": resource_id}
+        resource_id = _bounded(resource_id)
     conn.execute(
         "INSERT INTO audit_log (tenant_id, principal_id, principal, action, resource_type,"
         " resource_id, outcome, request_id, source_ip, detail)"
@@ -49,6 +68,74 @@ def record(
             Jsonb(detail or {}),
         ),
     )
+
+
+STORED_OUTCOMES = ("accepted", "duplicate")
+
+
+def record_upload(
+    conn: Connection,
+    *,
+    studies: Mapping[UUID, Mapping[str, int]],
+    principal: str,
+    action: str,
+    detail: dict[str, Any],
+    tenant_id: UUID | None = None,
+    principal_id: UUID | None = None,
+    request_id: str | None = None,
+    source_ip: str | None = None,
+) -> None:
+    """Audit one upload (an HTTP request, a C-STORE association, an import run): one row per
+    study it touched, whatever their number.
+
+    One row per study, not one row listing them: ``resource_id`` stays one study id, so a
+    study's trail (``query(resource_id=...)``) finds every upload of it, and the row stays
+    within the btree limit of the ``audit_log_resource`` index (2704 bytes), which a list of
+    a hundred ids passed (#24). The rows of one upload share ``request_id``; each row's
+    detail holds the upload's own ``detail``, how many ``studies`` it touched and this
+    study's ``instances`` by outcome (``accepted``, ``duplicate``, ``rejected``). A study is
+    ``ok`` when any of its instances is stored. An upload that reached no study (everything
+    refused before a study was known) has one row without ``resource_id``, ``rejected``.
+    """
+    rows: list[tuple[str | None, str, dict[str, Any]]] = [
+        (
+            str(study_id),
+            "ok" if any(counts.get(o) for o in STORED_OUTCOMES) else "rejected",
+            {**detail, "studies": len(studies), "instances": dict(counts)},
+        )
+        for study_id, counts in studies.items()
+    ] or [(None, "rejected", {**detail, "studies": 0})]
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO audit_log (tenant_id, principal_id, principal, action, resource_type,"
+            " resource_id, outcome, request_id, source_ip, detail)"
+            " VALUES (%s, %s, %s, %s, 'study', %s, %s, %s, %s, %s)",
+            [
+                (
+                    tenant_id,
+                    principal_id,
+                    principal,
+                    action,
+                    resource_id,
+                    outcome,
+                    request_id,
+                    source_ip,
+                    Jsonb(row_detail),
+                )
+                for resource_id, outcome, row_detail in rows
+            ],
+        )
+
+
+def tally(outcomes: Iterable[tuple[UUID | None, str]]) -> dict[UUID, dict[str, int]]:
+    """Per study, its files by outcome, from (study id, outcome) pairs; files without a study
+    are left out (the upload's own counts hold them)."""
+    out: dict[UUID, dict[str, int]] = {}
+    for study_id, outcome in outcomes:
+        if study_id is not None:
+            counts = out.setdefault(study_id, {})
+            counts[outcome] = counts.get(outcome, 0) + 1
+    return out
 
 
 # The chain's first prev_hash (no row before it).

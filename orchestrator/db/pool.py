@@ -1,4 +1,4 @@
-"""Connection pool and the one place psycopg's connection errors become ours."""
+"""Connection pool and the one place psycopg's errors are sorted: outage, busy, or neither."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
-from orchestrator.errors import DependencyUnavailable
+from orchestrator.errors import DependencyBusy, DependencyUnavailable
 
 # How long a request waits for a free connection before the database counts as unavailable.
 POOL_TIMEOUT_S = 5.0
@@ -67,16 +67,55 @@ def connect_pool(
     return pool
 
 
+# What a psycopg error means, by its SQLSTATE (PostgreSQL documentation, Appendix A). psycopg
+# files classes 53-58 and 40 all under OperationalError, though most of them are neither an
+# outage nor transient: "index row size exceeds btree maximum" (54000) is OperationalError.
+#
+# An outage: the server cannot serve this connection now. Class 08 connection exception,
+# class 53 insufficient resources (disk full, out of memory, too many connections), class 58
+# system error (I/O), and the shutdown / start-up states of class 57. An error the client
+# raised itself (no SQLSTATE: connection refused or lost, connect or pool timeout) is one too.
+_OUTAGE_CLASSES = frozenset({"08", "53", "58"})
+_OUTAGE_STATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
+# In class 53 but a limit of this statement (max_locks_per_transaction), not of the server.
+_NOT_OUTAGE_STATES = frozenset({"53400"})
+# Transient but not an outage: the same statement may succeed unchanged a moment later.
+# Class 40 transaction rollback (deadlock, serialization failure), lock_not_available,
+# query_canceled (a statement or lock timeout).
+_BUSY_CLASSES = frozenset({"40"})
+_BUSY_STATES = frozenset({"55P03", "57014"})
+
+
+def is_outage(exc: BaseException) -> bool:
+    """PostgreSQL is down or unreachable for this connection (503, readiness fails)."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate
+    if state is None:
+        return True
+    if state in _NOT_OUTAGE_STATES:
+        return False
+    return state[:2] in _OUTAGE_CLASSES or state in _OUTAGE_STATES
+
+
+def is_busy(exc: BaseException) -> bool:
+    """PostgreSQL is up but refused this statement for now; retrying it is right."""
+    state = exc.sqlstate if isinstance(exc, psycopg.Error) else None
+    return state is not None and (state[:2] in _BUSY_CLASSES or state in _BUSY_STATES)
+
+
 @contextmanager
 def translate_errors() -> Iterator[None]:
-    """Turn 'cannot reach PostgreSQL' into DependencyUnavailable (503), not a 500."""
+    """Turn 'cannot reach PostgreSQL' into DependencyUnavailable (503), not a 500, and a
+    deadlock or timeout into DependencyBusy (503, retry). Any other database error (a value
+    over an index's limit, bad data, a violated constraint) is raised as itself: it is a
+    fault of the statement, and reporting it as an outage would hide it."""
     try:
         yield
-    except (psycopg.OperationalError, psycopg.errors.ConnectionTimeout) as exc:
-        raise DependencyUnavailable("postgresql", type(exc).__name__) from exc
-    except Exception as exc:
-        from psycopg_pool import PoolTimeout
-
-        if isinstance(exc, PoolTimeout):
-            raise DependencyUnavailable("postgresql", "no connection available") from exc
+    except psycopg.Error as exc:
+        if is_outage(exc):
+            why = "no connection available" if isinstance(exc, PoolTimeout) else type(exc).__name__
+            raise DependencyUnavailable("postgresql", why) from exc
+        if is_busy(exc):
+            raise DependencyBusy("postgresql", type(exc).__name__) from exc
         raise

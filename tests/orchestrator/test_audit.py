@@ -4,17 +4,22 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psycopg
 import pytest
+from fastapi.testclient import TestClient
 
+from orchestrator.api import create_app
 from orchestrator.db import upgrade
-from orchestrator.db.audit import query, record, verify
+from orchestrator.db.audit import RESOURCE_ID_MAX, query, record, verify
+from orchestrator.settings import ApiSettings
 
 pytestmark = pytest.mark.integration
 
@@ -173,3 +178,43 @@ def test_query_filters_and_pages(fresh_db: str) -> None:
     done = _cli(fresh_db, "query", "--principal", "p-a", "--limit", "1")
     assert done.returncode == 0 and '"resource_id": "a-4"' in done.stdout
     assert "1 of 5" in done.stderr
+
+
+def test_an_oversized_resource_id_is_bounded_and_kept_whole_in_detail(fresh_db: str) -> None:
+    # Over the audit_log_resource btree's 2704 bytes, incompressible: refused unbounded (#24).
+    long_id = secrets.token_hex(1860)
+    with psycopg.connect(fresh_db) as conn:
+        record(
+            conn,
+            principal="p",
+            action="x",
+            resource_type="api",
+            resource_id=long_id,
+            outcome="ok",
+            detail={"k": 1},
+        )
+        conn.commit()
+        rows, _ = query(conn, action="x")
+        assert verify(conn).ok
+    (row,) = rows
+    assert len(row["resource_id"]) <= RESOURCE_ID_MAX
+    assert row["resource_id"].startswith(long_id[:64])
+    assert row["detail"] == {"k": 1, "resource_id": long_id}
+
+
+def test_a_refused_request_with_a_huge_path_is_audited(
+    fresh_db: str, redis_url: str, tmp_path: Path
+) -> None:
+    settings = ApiSettings(
+        database_url=fresh_db,
+        redis_url=redis_url,
+        queue_prefix=f"audit-{uuid.uuid4().hex[:8]}",
+        storage_url=f"file://{tmp_path}",
+    )
+    path = f"/v1/studies/{secrets.token_hex(2000)}"
+    with TestClient(create_app(settings)) as client:
+        r = client.get(path, headers={"Authorization": "Bearer mt_nope_nope"})
+    assert r.status_code == 401, r.text
+    with psycopg.connect(fresh_db) as conn:
+        rows, _ = query(conn, action="authenticate")
+    assert [(row["outcome"], row["detail"]["resource_id"]) for row in rows] == [("denied", path)]

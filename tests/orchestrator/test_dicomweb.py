@@ -5,6 +5,7 @@ clear 4xx and nothing stored."""
 from __future__ import annotations
 
 import io
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -389,3 +390,58 @@ def test_boundaries_are_found_across_reads(
         ({"content-type": "application/dicom", "content-location": "a"}, b"DATA1--ab"),
         ({}, b"DATA2"),
     ]
+
+
+# Studies in one STOW-RS request: their ids, comma-joined, once overflowed the audit index (#24).
+MANY_STUDIES = 120
+TINY = 16
+
+
+def test_one_request_of_many_studies_is_audited_per_study(
+    database_url: str, redis_url: str, storage_dir: Path, key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    images, _ = load_samples()
+    study_uids = [generate_uid() for _ in range(MANY_STUDIES)]
+    parts = [
+        ("application/dicom", radiograph(images[i % len(images)], study_uid=uid, size=TINY))
+        for i, uid in enumerate(study_uids)
+    ]
+    prefix = f"stow-many-{uuid.uuid4().hex[:8]}"  # a queue no worker reads: no Triton needed
+    settings = ApiSettings(
+        database_url=database_url,
+        redis_url=redis_url,
+        queue_prefix=prefix,
+        storage_url=f"file://{storage_dir}",
+    )
+    boundary = uuid.uuid4().hex
+    try:
+        with TestClient(create_app(settings)) as client:
+            r = client.post(
+                "/dicomweb/studies",
+                content=_multipart(parts, boundary),
+                headers={
+                    "Authorization": f"Bearer {key}",
+                    "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                },
+            )
+    finally:
+        Queue(f"{prefix}:studies", connection=Redis.from_url(redis_url)).delete(delete_jobs=True)
+    assert r.status_code == 200, r.text
+    with psycopg.connect(database_url) as conn:
+        ids = dict(
+            conn.execute(
+                "SELECT study_uid, id::text FROM studies WHERE study_uid = ANY(%s)", (study_uids,)
+            ).fetchall()
+        )
+        rows = conn.execute(
+            "SELECT resource_id, outcome, request_id, detail FROM audit_log"
+            " WHERE action = 'study.stow' AND resource_id = ANY(%s)",
+            (list(ids.values()),),
+        ).fetchall()
+    assert len(ids) == MANY_STUDIES
+    assert sorted(row[0] for row in rows) == sorted(ids.values())
+    assert {row[1] for row in rows} == {"ok"}
+    assert len({row[2] for row in rows}) == 1  # one request
+    assert all(row[3]["studies"] == MANY_STUDIES for row in rows)
+    assert all(row[3]["instances"] == {"accepted": 1} for row in rows)
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING]

@@ -28,6 +28,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore
 from redis import Redis
 from rq import Queue
 
+from orchestrator.db.audit import verify
 from orchestrator.samples import load_samples, radiograph
 
 pytestmark = pytest.mark.integration
@@ -331,3 +332,80 @@ def test_storescu_compressed_syntaxes_are_stored_as_sent_and_processed(
             time.sleep(0.3)
     assert body["status"] in {"done", "needs_review"}, body
     assert body["instances"][0]["status"] == "done", body["instances"][0]
+
+
+# Studies in one association: their ids, comma-joined, once overflowed the audit index (#24).
+MANY_STUDIES = 120
+TINY = 16
+
+
+@pytest.fixture()
+def quiet_env(database_url: str, redis_url: str, storage_dir: Path) -> Iterator[dict[str, str]]:
+    """A receiver's settings with a queue of its own that no worker reads (so the studies it
+    queues stay queued, and no Triton is needed)."""
+    prefix = f"dimse-many-{uuid.uuid4().hex[:8]}"
+    yield {
+        "MEDTRIAGE_DATABASE_URL": database_url,
+        "MEDTRIAGE_REDIS_URL": redis_url,
+        "MEDTRIAGE_QUEUE_PREFIX": prefix,
+        "MEDTRIAGE_STORAGE_URL": f"file://{storage_dir}",
+        "MEDTRIAGE_DIMSE_TENANT": TENANT,
+    }
+    Queue(f"{prefix}:studies", connection=Redis.from_url(redis_url)).delete(delete_jobs=True)
+
+
+def test_one_association_of_many_studies_is_audited_per_study(
+    quiet_env: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    images, _ = load_samples()
+    folder = tmp_path / "many"
+    folder.mkdir()
+    study_uids = [generate_uid() for _ in range(MANY_STUDIES)]
+    for i, study_uid in enumerate(study_uids):
+        image = images[i % len(images)]
+        (folder / f"IM{i:04d}").write_bytes(radiograph(image, study_uid=study_uid, size=TINY))
+    port = _free_port()
+    log = tmp_path / "scp.log"
+    proc = _start(quiet_env, port, log)
+    try:
+        result = subprocess.run(
+            [_dcmtk("storescu"), "-v", "+sd", "-aet", "MODALITY", "-aec", AE_TITLE]
+            + ["127.0.0.1", str(port), str(folder)],
+            capture_output=True,
+            text=True,
+            timeout=TOOL_TIMEOUT_S,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stderr.count("Received Store Response (Success)") == MANY_STUDIES
+        # The audit rows are written after the release, on the receiver's side.
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            with psycopg.connect(database_url) as conn:
+                rows = conn.execute(
+                    "SELECT resource_id, outcome, request_id, detail FROM audit_log"
+                    " WHERE action = 'study.dimse' AND principal = 'dimse:MODALITY'"
+                ).fetchall()
+                ids = dict(
+                    conn.execute(
+                        "SELECT study_uid, id::text FROM studies WHERE study_uid = ANY(%s)",
+                        (study_uids,),
+                    ).fetchall()
+                )
+            if len(rows) >= MANY_STUDIES or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        _stop(proc)
+    assert len(ids) == MANY_STUDIES
+    assert sorted(r[0] for r in rows) == sorted(ids.values())
+    assert {r[1] for r in rows} == {"ok"}
+    # One association: its rows share one id, and each says what the whole association did.
+    assert len({r[2] for r in rows}) == 1 and rows[0][2]
+    for _, _, _, detail in rows:
+        assert detail["studies"] == MANY_STUDIES and detail["released"] is True
+        assert detail["instances"] == {"accepted": 1}
+        assert detail["counts"] == {"accepted": MANY_STUDIES}
+    text = log.read_text()
+    assert "Traceback" not in text and "failed" not in text, text
+    with psycopg.connect(database_url) as conn:
+        assert verify(conn).ok

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import psycopg
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
+from redis import Redis
+from rq import Queue
 
 from orchestrator.samples import load_samples, radiograph
 
@@ -167,3 +170,55 @@ def test_large_zip_member_is_inflated_to_disk_and_imported(
     # Re-run: recognised from the inflated member's header, skipped.
     again = _cli(settings_env, str(archive), "--tenant", TENANT, "--quiet")
     assert _counts(again.stdout) == (0, 1, 0)
+
+
+# Studies in one import run (#24: every upload is audited per study, whatever its size).
+MANY_STUDIES = 120
+TINY = 16
+
+
+def test_an_import_of_many_studies_is_audited_per_study(
+    database_url: str, redis_url: str, storage_dir: Path, tmp_path: Path
+) -> None:
+    images, _ = load_samples()
+    study_uids = [generate_uid() for _ in range(MANY_STUDIES)]
+    for i, uid in enumerate(study_uids):
+        path = tmp_path / "many" / f"S{i:04d}" / "IM1"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(radiograph(images[i % len(images)], study_uid=uid, size=TINY))
+    prefix = f"import-many-{uuid.uuid4().hex[:8]}"  # a queue no worker reads: no Triton needed
+    env = {
+        "MEDTRIAGE_DATABASE_URL": database_url,
+        "MEDTRIAGE_REDIS_URL": redis_url,
+        "MEDTRIAGE_QUEUE_PREFIX": prefix,
+        "MEDTRIAGE_STORAGE_URL": f"file://{storage_dir}",
+    }
+    tenant = f"tenant-import-many-{prefix}"
+    try:
+        first = _cli(env, str(tmp_path / "many"), "--tenant", tenant, "--quiet")
+        again = _cli(env, str(tmp_path / "many"), "--tenant", tenant, "--quiet")
+    finally:
+        Queue(f"{prefix}:studies", connection=Redis.from_url(redis_url)).delete(delete_jobs=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _counts(first.stdout) == (MANY_STUDIES, 0, 0)
+    assert _counts(again.stdout) == (0, MANY_STUDIES, 0)
+    assert first.stderr == again.stderr == ""
+    with psycopg.connect(database_url) as conn:
+        ids = dict(
+            conn.execute(
+                "SELECT study_uid, id::text FROM studies WHERE study_uid = ANY(%s)", (study_uids,)
+            ).fetchall()
+        )
+        rows = conn.execute(
+            "SELECT resource_id, outcome, request_id, detail FROM audit_log"
+            " WHERE action = 'study.import' AND resource_id = ANY(%s) ORDER BY seq",
+            (list(ids.values()),),
+        ).fetchall()
+    assert len(ids) == MANY_STUDIES
+    runs = [rows[:MANY_STUDIES], rows[MANY_STUDIES:]]
+    for run, instances in zip(runs, ({"accepted": 1}, {"duplicate": 1}), strict=True):
+        assert sorted(r[0] for r in run) == sorted(ids.values())
+        assert {r[1] for r in run} == {"ok"}
+        assert len({r[2] for r in run}) == 1  # one run
+        assert all(r[3]["instances"] == instances for r in run)
+        assert all(r[3]["studies"] == MANY_STUDIES for r in run)

@@ -143,21 +143,18 @@ def set_policy(conn: Connection, tenant: str, kind: str, max_age: timedelta) -> 
     )
 
 
-def set_legal_hold(conn: Connection, study_id: UUID, held: bool, *, actor: str) -> bool:
-    row = conn.execute(
-        "UPDATE studies SET legal_hold = %s WHERE id = %s RETURNING tenant_id", (held, study_id)
-    ).fetchone()
-    if row is not None:
-        record(
-            conn,
-            tenant_id=row[0],
-            principal=actor,
-            action="study.legal_hold" if held else "study.legal_hold_release",
-            resource_type="study",
-            resource_id=str(study_id),
-            outcome="ok",
-        )
-    return row is not None
+def set_legal_hold(
+    conn: Connection, study_id: UUID, held: bool, *, actor: str, reason: str = "set in code"
+) -> bool:
+    """Hold or release one study (any tenant); audited with the reason (see legal_hold)."""
+    from orchestrator import legal_hold
+
+    change = legal_hold.hold if held else legal_hold.release
+    try:
+        change(conn, study_id, reason=reason, actor=legal_hold.Actor(actor))
+    except legal_hold.StudyNotFound:
+        return False
+    return True
 
 
 def _expired(conn: Connection, kind: str, extra: str = "") -> list[dict[str, Any]]:

@@ -1,28 +1,37 @@
 """De-identification for data leaving the platform for non-clinical use (research, sharing).
 
-The DICOM PS3.15 Annex E *Basic Application Level Confidentiality Profile* as a recipe table:
-one action per attribute, applied at every nesting level, plus the profile's blanket rules:
+The DICOM PS3.15 Annex E *Basic Application Level Confidentiality Profile*, applied as an
+allow-list from two tables kept as data in ``deid_tables/``: ``annex_e_basic.csv`` (Table
+E.1-1: one action per attribute it names) and ``safe_attributes.csv`` (what describes the
+pixels and the technique, and identifies no one). At every nesting level an attribute in
+neither table is removed, so whatever the tables do not know never leaves.
 
 - ``X`` remove, ``Z`` zero length (or empty sequence), ``D`` dummy value of the same VR,
   ``K`` keep, ``C`` clean (we cannot clean free text safely, so it is emptied like ``Z``),
   ``U`` replace the UID by one that is consistent within the run.
 - Private attributes, curves (50xx,eeee) and overlays (60xx,eeee) are removed.
+- Free text inside kept sequences: code items keep standard codes only (DCM, SCT, LN...),
+  their CodeMeaning replaced by the code's standard meaning (or the code value); items of a
+  local scheme are dropped; any other text attribute is not on the safe list and goes.
 - Replacement UIDs are ``2.25.<128 bits of HMAC-SHA256(key, old uid)>``: the same input UID
   gives the same output UID for one key, so the instances of a study stay one study, and the
   old UID cannot be recovered without the key. Without a key a fresh one is drawn per run.
 - Dates and times the table does not name are emptied too (stricter than the table).
 - (0012,0062) Patient Identity Removed = YES and (0012,0063)/(0012,0064) De-identification
-  Method (DCM 113100) are written; (0028,0303) Longitudinal Temporal Information Modified =
-  REMOVED, since the profile empties the dates.
+  Method (DCM 113100, plus 113101 Clean Pixel Data where text was blanked) are written;
+  (0028,0303) Longitudinal Temporal Information Modified = REMOVED.
 
-Pixel data are never changed. Text burned into the pixels is not removed: each instance is
-flagged from (0028,0301) Burned In Annotation, and as ``unknown`` where the attribute is
-missing for a modality that often carries it (ultrasound, secondary capture, angiography…);
-such files need the Clean Pixel Data option (a person or an OCR pass) before they leave.
+Burned-in text: an image whose (0028,0301) Burned In Annotation is YES, or missing for a
+modality that often carries text (ultrasound, secondary capture, angiography…), is written
+only if a rule of ``deid_tables/burned_in_rules.csv`` (per modality, manufacturer, model and
+matrix) blanks its text regions; otherwise it is refused with the reason, never exported
+as if clean. The summary names files by their place in the input listing and by their new
+output path, never by input name (names and folders often carry patient names).
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import hmac
 import secrets
@@ -37,186 +46,41 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 # Annex E action codes.
 REMOVE, ZERO, DUMMY, KEEP, CLEAN, UID = "X", "Z", "D", "K", "C", "U"
 
-# Where the standard gives a choice (X/Z, X/D, Z/D, X/Z/D...), the table holds the one we
-# apply: Z where the attribute is Type 2 in common IODs (removal would break conformance),
-# D where a Type 1 attribute needs a value, X otherwise.
-RECIPE: dict[str, str] = {
-    # Patient
-    "PatientName": ZERO,
-    "PatientID": ZERO,
-    "IssuerOfPatientID": REMOVE,
-    "PatientBirthDate": ZERO,
-    "PatientBirthTime": REMOVE,
-    "PatientSex": ZERO,
-    "PatientAge": REMOVE,
-    "PatientSize": REMOVE,
-    "PatientWeight": REMOVE,
-    "PatientAddress": REMOVE,
-    "PatientTelephoneNumbers": REMOVE,
-    "PatientBirthName": REMOVE,
-    "PatientMotherBirthName": REMOVE,
-    "OtherPatientIDs": REMOVE,
-    "OtherPatientNames": REMOVE,
-    "OtherPatientIDsSequence": REMOVE,
-    "PatientInsurancePlanCodeSequence": REMOVE,
-    "PatientPrimaryLanguageCodeSequence": REMOVE,
-    "MedicalRecordLocator": REMOVE,
-    "MilitaryRank": REMOVE,
-    "BranchOfService": REMOVE,
-    "CountryOfResidence": REMOVE,
-    "RegionOfResidence": REMOVE,
-    "EthnicGroup": REMOVE,
-    "Occupation": REMOVE,
-    "SmokingStatus": REMOVE,
-    "AdditionalPatientHistory": REMOVE,
-    "PregnancyStatus": REMOVE,
-    "LastMenstrualDate": REMOVE,
-    "PatientReligiousPreference": REMOVE,
-    "PatientSexNeutered": REMOVE,
-    "MedicalAlerts": REMOVE,
-    "Allergies": REMOVE,
-    "PatientComments": REMOVE,
-    "ReferencedPatientSequence": REMOVE,
-    "ReferencedPatientPhotoSequence": REMOVE,
-    "ResponsiblePerson": REMOVE,
-    "ResponsibleOrganization": REMOVE,
-    "PatientState": REMOVE,
-    "AdmissionID": REMOVE,
-    "IssuerOfAdmissionIDSequence": REMOVE,
-    "CurrentPatientLocation": REMOVE,
-    "PatientInstitutionResidence": REMOVE,
-    "AdmittingDiagnosesDescription": REMOVE,
-    "AdmittingDiagnosesCodeSequence": REMOVE,
-    # Study, visit, request
-    "AccessionNumber": ZERO,
-    "IssuerOfAccessionNumberSequence": REMOVE,
-    "StudyID": ZERO,
-    "StudyDate": ZERO,
-    "StudyTime": ZERO,
-    "StudyDescription": REMOVE,
-    "StudyComments": REMOVE,
-    "ReferringPhysicianName": ZERO,
-    "ReferringPhysicianAddress": REMOVE,
-    "ReferringPhysicianTelephoneNumbers": REMOVE,
-    "ReferringPhysicianIdentificationSequence": REMOVE,
-    "PhysiciansOfRecord": REMOVE,
-    "PhysiciansOfRecordIdentificationSequence": REMOVE,
-    "NameOfPhysiciansReadingStudy": REMOVE,
-    "PhysiciansReadingStudyIdentificationSequence": REMOVE,
-    "RequestingPhysician": REMOVE,
-    "RequestingService": REMOVE,
-    "RequestedProcedureDescription": REMOVE,
-    "RequestedProcedureID": REMOVE,
-    "RequestedProcedureComments": REMOVE,
-    "RequestAttributesSequence": REMOVE,
-    "PlacerOrderNumberImagingServiceRequest": REMOVE,
-    "FillerOrderNumberImagingServiceRequest": REMOVE,
-    "ImagingServiceRequestComments": REMOVE,
-    "ReferencedStudySequence": REMOVE,
-    "ReferencedPerformedProcedureStepSequence": REMOVE,
-    "ScheduledPerformingPhysicianName": REMOVE,
-    "ConfidentialityConstraintOnPatientDataDescription": REMOVE,
-    # Institution, equipment, staff
-    "InstitutionName": REMOVE,
-    "InstitutionAddress": REMOVE,
-    "InstitutionCodeSequence": REMOVE,
-    "InstitutionalDepartmentName": REMOVE,
-    "StationName": REMOVE,
-    "DeviceSerialNumber": REMOVE,
-    "DetectorID": REMOVE,
-    "PlateID": REMOVE,
-    "GeneratorID": REMOVE,
-    "CassetteID": REMOVE,
-    "GantryID": REMOVE,
-    "PerformingPhysicianName": REMOVE,
-    "PerformingPhysicianIdentificationSequence": REMOVE,
-    "OperatorsName": REMOVE,
-    "OperatorIdentificationSequence": REMOVE,
-    "DateOfLastCalibration": REMOVE,
-    "TimeOfLastCalibration": REMOVE,
-    # Series, acquisition, content
-    "SeriesDate": REMOVE,
-    "SeriesTime": REMOVE,
-    "AcquisitionDate": REMOVE,
-    "AcquisitionTime": REMOVE,
-    "AcquisitionDateTime": REMOVE,
-    "ContentDate": ZERO,
-    "ContentTime": ZERO,
-    "InstanceCreationDate": REMOVE,
-    "InstanceCreationTime": REMOVE,
-    "InstanceCoercionDateTime": REMOVE,
-    "TimezoneOffsetFromUTC": REMOVE,
-    "SeriesDescription": REMOVE,
-    "ProtocolName": REMOVE,
-    "ImageComments": REMOVE,
-    "AcquisitionComments": REMOVE,
-    "AcquisitionDeviceProcessingDescription": REMOVE,
-    "AcquisitionProtocolDescription": REMOVE,
-    "DerivationDescription": REMOVE,
-    "ContrastBolusAgent": ZERO,
-    "IdentifyingComments": REMOVE,
-    "PerformedProcedureStepID": REMOVE,
-    "PerformedProcedureStepStartDate": REMOVE,
-    "PerformedProcedureStepStartTime": REMOVE,
-    "PerformedProcedureStepEndDate": REMOVE,
-    "PerformedProcedureStepEndTime": REMOVE,
-    "PerformedProcedureStepDescription": REMOVE,
-    "CommentsOnThePerformedProcedureStep": REMOVE,
-    "PerformedStationAETitle": REMOVE,
-    "PerformedStationName": REMOVE,
-    "PerformedLocation": REMOVE,
-    "ContentSequence": REMOVE,
-    "AcquisitionContextSequence": REMOVE,
-    "OriginalAttributesSequence": REMOVE,
-    "ReferencedImageSequence": REMOVE,
-    "SourceImageSequence": REMOVE,
-    # Structured report and presentation people
-    "PersonName": DUMMY,
-    "VerifyingObserverName": DUMMY,
-    "VerifyingOrganization": DUMMY,
-    "VerifyingObserverIdentificationCodeSequence": ZERO,
-    "ContentCreatorName": ZERO,
-    "ContentCreatorIdentificationCodeSequence": REMOVE,
-    # UIDs that identify instances (well-known class and syntax UIDs are kept)
-    "StudyInstanceUID": UID,
-    "SeriesInstanceUID": UID,
-    "SOPInstanceUID": UID,
-    "MediaStorageSOPInstanceUID": UID,
-    "ReferencedSOPInstanceUID": UID,
-    "ReferencedSOPInstanceUIDInFile": UID,
-    "FrameOfReferenceUID": UID,
-    "SynchronizationFrameOfReferenceUID": UID,
-    "ReferencedFrameOfReferenceUID": UID,
-    "RelatedFrameOfReferenceUID": UID,
-    "SourceFrameOfReferenceUID": UID,
-    "InstanceCreatorUID": UID,
-    "IrradiationEventUID": UID,
-    "ConcatenationUID": UID,
-    "DimensionOrganizationUID": UID,
-    "DeviceUID": UID,
-    "TargetUID": UID,
-    "FiducialUID": UID,
-    "DoseReferenceUID": UID,
-    "StorageMediaFileSetUID": UID,
-    "PaletteColorLookupTableUID": UID,
-    "UID": UID,
-    "TemplateExtensionOrganizationUID": UID,
-    "TemplateExtensionCreatorUID": UID,
-    "ContextGroupExtensionCreatorUID": UID,
-    "FailedSOPInstanceUIDList": UID,
-    # Kept on purpose (listed so a reader sees they were considered)
-    "SOPClassUID": KEEP,
-    "MediaStorageSOPClassUID": KEEP,
-    "TransferSyntaxUID": KEEP,
-    "ReferencedSOPClassUID": KEEP,
-    "Modality": KEEP,
-    "BodyPartExamined": KEEP,
-    "BurnedInAnnotation": KEEP,
-}
+TABLES = Path(__file__).parent / "deid_tables"
+# PS3.15 Annex E Table E.1-1 (Basic Profile): keyword -> the action applied, kept as data.
+ANNEX_E_FILE = TABLES / "annex_e_basic.csv"
+# Attributes known not to identify anyone (pixels, geometry, technique), kept as data.
+SAFE_FILE = TABLES / "safe_attributes.csv"
+# Burned-in text regions per modality / manufacturer / model / matrix, cleaned by rule.
+BURN_IN_RULES_FILE = TABLES / "burned_in_rules.csv"
+_CODES = frozenset({REMOVE, ZERO, DUMMY, KEEP, CLEAN, UID})
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return list(csv.DictReader(lines))
+
+
+def load_annex_e(path: Path = ANNEX_E_FILE) -> dict[str, str]:
+    """keyword -> action of the Annex E table file."""
+    recipe = {r["keyword"]: r["action"] for r in _rows(path)}
+    bad = {k: a for k, a in recipe.items() if a not in _CODES}
+    if bad:
+        raise ValueError(f"{path.name}: unknown actions {bad}")
+    return recipe
+
+
+def load_safe(path: Path = SAFE_FILE) -> frozenset[str]:
+    return frozenset(r["keyword"] for r in _rows(path))
+
+
+RECIPE: dict[str, str] = load_annex_e()
+SAFE: frozenset[str] = load_safe()
 
 # Dummy values per VR for action D: valid, obviously not real.
 _DUMMY: dict[str, Any] = {
@@ -236,8 +100,11 @@ _DUMMY: dict[str, Any] = {
     "DS": "0",
 }
 
-# De-identification Method Code Sequence item (PS3.16 CID 7050): the basic profile.
+# De-identification Method Code Sequence items (PS3.16 CID 7050): the basic profile, and
+# the Clean Pixel Data option where burned-in text was blanked by rule.
 BASIC_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
+CLEAN_PIXEL_CODE = ("113101", "DCM", "Clean Pixel Data Option")
+_LO_MAX = 64
 METHOD_TEXT = "PS3.15 Annex E Basic Profile (medtriage)"
 # Modalities whose images commonly carry text in the pixels (PS3.15 E.1.1 note).
 BURNED_IN_PRONE = frozenset({"US", "OT", "SC", "XA", "RF", "ES", "GM", "SM", "DOC", "IVUS"})
@@ -261,6 +128,7 @@ def _tags(recipe: dict[str, str]) -> dict[BaseTag, str]:
 
 
 _ACTIONS = _tags(RECIPE)
+_SAFE_TAGS = frozenset(_tags(dict.fromkeys(SAFE, KEEP)))
 
 
 def _is_curve_or_overlay(tag: BaseTag) -> bool:
@@ -270,14 +138,19 @@ def _is_curve_or_overlay(tag: BaseTag) -> bool:
 
 @dataclass
 class InstanceResult:
-    """What happened to one file; never holds an identifying value."""
+    """What happened to one file; never holds an identifying value nor an input name (they
+    often carry patient names): the file is known by its place in the sorted input listing
+    and by its output path, which is made of the new UIDs."""
 
-    path: str
+    index: int
     burned_in: str  # "YES", "NO" or "unknown"
     modality: str
     removed: int
     changed: int
+    output: str = ""
     error: str | None = None
+    refused: str | None = None  # why it was not written (burned-in text, no cleaning rule)
+    cleaned_by: str | None = None  # the burned-in text rule that blanked its regions
 
 
 @dataclass
@@ -286,25 +159,34 @@ class DeidResult:
     uids_remapped: int = 0
 
     def summary(self) -> dict[str, Any]:
-        done = [f for f in self.files if f.error is None]
+        done = [f for f in self.files if f.error is None and f.refused is None]
         return {
             "profile": METHOD_TEXT,
             "files": len(done),
-            "failed": [{"path": f.path, "error": f.error} for f in self.files if f.error],
+            "failed": [{"index": f.index, "error": f.error} for f in self.files if f.error],
+            # Not written: pixels that may show text, and no rule to clean them.
+            "refused": [
+                {"index": f.index, "modality": f.modality, "reason": f.refused}
+                for f in self.files
+                if f.refused
+            ],
             "uids_remapped": self.uids_remapped,
             "elements_removed": sum(f.removed for f in done),
             "elements_changed": sum(f.changed for f in done),
-            # Files whose pixels may show text: review them before they leave.
-            "burned_in_annotation": [
-                {"path": f.path, "burned_in": f.burned_in, "modality": f.modality}
-                for f in done
-                if f.burned_in != "NO"
+            "burned_in_cleaned": [
+                {"output": f.output, "rule": f.cleaned_by} for f in done if f.cleaned_by
             ],
         }
 
 
 class Deidentifier:
-    """Applies the recipe; one instance per run keeps UID replacement consistent."""
+    """Applies the recipe as an allow-list; one instance per run keeps UID replacement
+    consistent.
+
+    At every nesting level: an attribute the Annex E table names gets its action; one the
+    safe list names is kept (a sequence is walked); any other attribute is removed, so what
+    the tables do not know never leaves. Code items keep standard codes only, with the
+    code's standard meaning in place of the writer's (free) text."""
 
     def __init__(self, key: bytes | None = None) -> None:
         self._key = key if key is not None else secrets.token_bytes(32)
@@ -323,8 +205,8 @@ class Deidentifier:
             self._uids[old] = new
         return new
 
-    def deidentify(self, ds: Dataset) -> InstanceResult:
-        """De-identify ``ds`` in place (file meta included); the pixels are not touched."""
+    def deidentify(self, ds: Dataset, *, cleaned_by: str | None = None) -> InstanceResult:
+        """De-identify ``ds`` in place (file meta included); pixels are not touched here."""
         burned_in = _burned_in(ds)
         modality = str(ds.get("Modality", "") or "")
         counts = [0, 0]  # removed, changed
@@ -334,20 +216,27 @@ class Deidentifier:
             self._walk(meta, counts)
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = METHOD_TEXT
-        code = Dataset()
-        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = BASIC_PROFILE_CODE
-        ds.DeidentificationMethodCodeSequence = Sequence([code])
+        methods = [BASIC_PROFILE_CODE] + ([CLEAN_PIXEL_CODE] if cleaned_by else [])
+        items = []
+        for value in methods:
+            code = Dataset()
+            code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value
+            items.append(code)
+        ds.DeidentificationMethodCodeSequence = Sequence(items)
         ds.LongitudinalTemporalInformationModified = "REMOVED"
-        return InstanceResult("", burned_in, modality, counts[0], counts[1])
+        return InstanceResult(0, burned_in, modality, counts[0], counts[1], cleaned_by=cleaned_by)
 
     def _walk(self, ds: Dataset, counts: list[int]) -> None:
         for elem in list(ds):
             tag = BaseTag(elem.tag)
-            if tag.is_private or _is_curve_or_overlay(tag):
+            action = _ACTIONS.get(tag)
+            if action is None and tag in _SAFE_TAGS:
+                action = KEEP
+            if tag.is_private or _is_curve_or_overlay(tag) or action is None:
+                # Private, curve, overlay, or not known to be safe: removed.
                 del ds[tag]
                 counts[0] += 1
                 continue
-            action = _ACTIONS.get(tag, KEEP)
             if action == REMOVE:
                 del ds[tag]
                 counts[0] += 1
@@ -363,13 +252,56 @@ class Deidentifier:
                 elem.value = new if elem.VM > 1 else new[0]
                 counts[1] += 1
             elif elem.VR == "SQ":
+                kept = []
                 for item in elem.value:
                     self._walk(item, counts)
+                    if _clean_code(item):
+                        kept.append(item)
+                    else:
+                        counts[0] += 1
+                if len(kept) != len(elem.value):
+                    elem.value = Sequence(kept)
             elif tag not in _ACTIONS and elem.VR in _TEMPORAL_VRS and elem.value:
-                # Stricter than the table: every other date and time is emptied too (RT plan,
-                # structure set, review dates...), since dates narrow down a patient.
+                # Stricter than the table: every other date and time is emptied too, since
+                # dates narrow down a patient.
                 elem.value = ""
                 counts[1] += 1
+
+
+def _meanings() -> dict[tuple[str, str], str]:
+    """(scheme, code value) -> the standard meaning, from pydicom's code dictionaries."""
+    from pydicom.sr._concepts_dict import concepts
+
+    out: dict[tuple[str, str], str] = {}
+    for scheme, names in concepts.items():
+        for entries in names.values():
+            table: dict[str, tuple[str, list[int]]] = entries  # type: ignore[assignment]
+            for value, (meaning, _cids) in table.items():
+                out[(scheme, value)] = meaning
+    return out
+
+
+_MEANINGS: dict[tuple[str, str], str] = {}
+# Coding schemes whose codes are public concepts (a local scheme, 99xxx or L, may hold
+# anything a site typed, an MRN included).
+STANDARD_SCHEMES = frozenset(
+    {"DCM", "SCT", "SRT", "LN", "UCUM", "RADLEX", "NCIt", "UMLS", "FMA", "ICD10", "I10", "MSH"}
+)
+
+
+def _clean_code(item: Dataset) -> bool:
+    """Clean a code item in place: the meaning becomes the code's standard meaning (or the
+    code itself); False if the item is a code of a local scheme (to be dropped)."""
+    if "CodeMeaning" not in item and "CodingSchemeDesignator" not in item:
+        return True
+    scheme = str(item.get("CodingSchemeDesignator", "") or "")
+    value = str(item.get("CodeValue", "") or item.get("LongCodeValue", "") or "")
+    if scheme not in STANDARD_SCHEMES or not value:
+        return False
+    if not _MEANINGS:
+        _MEANINGS.update(_meanings())
+    item.CodeMeaning = _MEANINGS.get((scheme, value), value)[:_LO_MAX]
+    return True
 
 
 def _burned_in(ds: Dataset) -> str:
@@ -396,16 +328,107 @@ def _layout(output: Path, ds: Dataset, index: int) -> Path:
     return output.joinpath(*(p or "unknown" for p in parts), f"{name}.dcm")
 
 
-def deidentify_path(input: Path, output: Path, *, key: bytes | None = None) -> DeidResult:
+@dataclass(frozen=True)
+class BurnInRule:
+    """Where one kind of device writes text into its pixels: rectangles to blank."""
+
+    modality: str
+    manufacturer: str
+    model: str  # "*": any model of the manufacturer
+    rows: str  # "*" or the matrix the regions were measured on
+    columns: str
+    regions: tuple[tuple[int, int, int, int], ...]  # (x0, y0, x1, y1), end exclusive
+
+    @property
+    def name(self) -> str:
+        return f"{self.modality}/{self.manufacturer}/{self.model}/{self.rows}x{self.columns}"
+
+    def matches(self, ds: Dataset) -> bool:
+        def same(rule: str, value: Any) -> bool:
+            return rule == "*" or rule.strip().upper() == str(value or "").strip().upper()
+
+        return (
+            same(self.modality, ds.get("Modality"))
+            and same(self.manufacturer, ds.get("Manufacturer"))
+            and same(self.model, ds.get("ManufacturerModelName"))
+            and same(self.rows, ds.get("Rows"))
+            and same(self.columns, ds.get("Columns"))
+        )
+
+
+def load_burn_in_rules(path: Path = BURN_IN_RULES_FILE) -> list[BurnInRule]:
+    rules = []
+    for r in _rows(path):
+        regions = tuple(
+            (int(x0), int(y0), int(x1), int(y1))
+            for x0, y0, x1, y1 in (part.split() for part in r["regions"].split(";") if part.strip())
+        )
+        if not regions:
+            raise ValueError(f"{path.name}: rule without regions: {r}")
+        rules.append(
+            BurnInRule(
+                r["modality"], r["manufacturer"], r["model"], r["rows"], r["columns"], regions
+            )
+        )
+    return rules
+
+
+# Pixel data this module rewrites in place: native little-endian, whole bytes per sample.
+_NATIVE_LE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+
+
+def _blank(ds: Dataset, rule: BurnInRule) -> str | None:
+    """Blank the rule's regions in every frame; the reason it cannot, or None when done."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if "PixelData" not in ds:
+        return "no pixel data to clean"
+    if syntax not in _NATIVE_LE:
+        return "compressed or big-endian pixel data: cleaning by rule needs native pixels"
+    if int(ds.get("BitsAllocated", 0)) not in (8, 16, 32) or int(
+        ds.get("PlanarConfiguration", 0) or 0
+    ):
+        return "pixel layout not supported by cleaning (1-bit or planar)"
+    pixels = ds.pixel_array.copy()
+    colour = int(ds.get("SamplesPerPixel", 1)) > 1
+    for x0, y0, x1, y1 in rule.regions:
+        if colour:
+            pixels[..., y0:y1, x0:x1, :] = 0
+        else:
+            pixels[..., y0:y1, x0:x1] = 0
+    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<"), copy=False).tobytes()
+    ds.BurnedInAnnotation = "NO"
+    return None
+
+
+def _refusal(ds: Dataset, burned_in: str) -> str:
+    modality = str(ds.get("Modality", "") or "unknown")
+    declared = "YES" if burned_in == "YES" else "not declared"
+    return (
+        f"pixels may show burned-in text (BurnedInAnnotation {declared}, modality"
+        f" {modality}) and no rule in {BURN_IN_RULES_FILE.name} cleans this device's"
+        " images; not exported de-identified: clean its pixels first or add a rule"
+    )
+
+
+def deidentify_path(
+    input: Path,
+    output: Path,
+    *,
+    key: bytes | None = None,
+    burn_in_rules: list[BurnInRule] | None = None,
+) -> DeidResult:
     """De-identify a DICOM file into the file ``output``, or every file under a folder into
     ``output/<study>/<series>/<instance>.dcm`` (new UIDs). Files that are not DICOM are
-    reported as failed, never copied."""
+    reported as failed, never copied. A file whose pixels may show text (declared, or not
+    declared for a modality prone to it) is written only when a burn-in rule blanks its
+    text; otherwise it is refused with the reason. The summary names no input file."""
     deid = Deidentifier(key)
+    rules = load_burn_in_rules() if burn_in_rules is None else burn_in_rules
     result = DeidResult()
     single = input.is_file()
     sources = [input] if single else list(_files(input))
     for index, src in enumerate(sources):
-        name = src.name if single else str(src.relative_to(input))
         try:
             # force: files without the 128-byte preamble are common; what is not a dataset
             # with a SOP Class is refused below.
@@ -415,12 +438,23 @@ def deidentify_path(input: Path, output: Path, *, key: bytes | None = None) -> D
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on junk input
             # The reason names the problem, not the content (which may be identifying).
             result.files.append(
-                InstanceResult(name, "unknown", "", 0, 0, error=f"not DICOM: {type(exc).__name__}")
+                InstanceResult(index, "unknown", "", 0, 0, error=f"not DICOM: {type(exc).__name__}")
             )
             continue
-        done = deid.deidentify(ds)
-        done.path = name
+        burned_in = _burned_in(ds)
+        cleaned_by = None
+        if burned_in != "NO":
+            rule = next((r for r in rules if r.matches(ds)), None)
+            why = _refusal(ds, burned_in) if rule is None else _blank(ds, rule)
+            if why is not None:
+                modality = str(ds.get("Modality", "") or "")
+                result.files.append(InstanceResult(index, burned_in, modality, 0, 0, refused=why))
+                continue
+            cleaned_by = rule.name if rule else None
+        done = deid.deidentify(ds, cleaned_by=cleaned_by)
+        done.index = index
         dst = output if single else _layout(output, ds, index)
+        done.output = dst.name if single else str(dst.relative_to(output))
         dst.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(dst, enforce_file_format=getattr(ds, "file_meta", None) is not None)
         result.files.append(done)

@@ -10,6 +10,7 @@ Tree::
     ├── AuthenticationError             (401)   missing / wrong / expired API key
     ├── PermissionDenied                (403)   key valid, role insufficient
     ├── NotFound                        (404)
+    ├── Gone                            (410)   e.g. a replayed upload that retention purged
     ├── Conflict                        (409)   e.g. an idempotency key still in flight
     ├── DependencyUnavailable           (503)   PostgreSQL, Redis, object store or Triton down
     ├── DependencyBusy                  (503)   up, but refused this call for now (a deadlock,
@@ -62,6 +63,10 @@ class PermissionDenied(MedtriageError):
 
 class NotFound(MedtriageError):
     http_status = 404
+
+
+class Gone(MedtriageError):
+    http_status = 410
 
 
 class Conflict(MedtriageError):

@@ -9,9 +9,22 @@ A policy keeps one kind of data of a tenant for ``max_age`` after the study arri
 * ``results``   — model results and review cases.
 
 Studies under legal hold are never touched. When a study has lost its originals and has
-no reports or results left, the study itself goes: every row that names it (found through
-the schema, so tables added later are covered), and its Redis keys. Each purge is written to
-the audit trail. ``purge`` is idempotent: run it from cron or a scheduler as often as wanted.
+no reports or results left, the study itself goes: every row that names it (tables with a
+``study_id`` column are found through the schema; the others are listed in
+``STUDY_REFERENCES``, which a test compares with the schema so a new table cannot be
+forgotten), its Redis keys, and its now-empty folders in a local object store.
+
+Two tables name a study inside a JSON document rather than a column:
+
+* ``webhook_deliveries`` — the notice's payload (study id, StudyInstanceUID): deleted, so a
+  purged study is no longer listed or redeliverable;
+* ``idempotency_keys`` — the first answer to an upload (file names, study ids): replaced by
+  a tombstone holding no trace of the upload, so a retry under the same key is told the
+  upload was purged (``410 Gone``) instead of a replay that says "accepted" for a study
+  that no longer exists. The tombstone expires with the key's TTL like any key.
+
+Each purge is written to the audit trail. ``purge`` is idempotent: run it from cron or a
+scheduler as often as wanted; ``dry_run`` reports what it would delete and deletes nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ from uuid import UUID
 from psycopg import Connection, sql
 from redis import Redis
 
-from orchestrator.db import connect_pool
+from orchestrator.db import connect_pool, idempotency
 from orchestrator.db.audit import record
 from orchestrator.db.keys import ensure_tenant
 from orchestrator.storage import ObjectStore
@@ -35,6 +48,40 @@ BATCH = 500
 # Tables never purged: the audit trail is append-only and kept on its own schedule.
 _KEEP_TABLES = frozenset({"audit_log"})
 _PRINCIPAL = "retention"
+# Every column that can name a study (a foreign key to it, a study or UID column, a JSON
+# document) and how the purge deals with it. test_retention.py compares this with the
+# schema: a table or column added later fails that test until it is listed here.
+STUDY_REFERENCES: dict[str, str] = {
+    "studies.id": "the study row, deleted last",
+    "studies.study_uid": "the study row, deleted last",
+    "studies.timings": "the study row, deleted last",
+    "series.study_id": "study_id table: rows deleted",
+    "series.series_uid": "study_id table: rows deleted",
+    "instances.study_id": "study_id table: rows deleted",
+    "instances.series_id": "study_id table: rows deleted",
+    "instances.sop_uid": "study_id table: rows deleted",
+    "instances.sop_class_uid": "study_id table: rows deleted",
+    "instances.transfer_syntax_uid": "study_id table: rows deleted",
+    "jobs.study_id": "study_id table: rows deleted",
+    "job_attempts.job_id": "deleted through jobs (job ids derive from the study id)",
+    "results.study_id": "study_id table: rows deleted",
+    "results.instance_id": "study_id table: rows deleted",
+    "results.outputs": "study_id table: rows deleted",
+    "results.findings": "study_id table: rows deleted",
+    "review_cases.study_id": "study_id table: rows deleted",
+    "review_cases.details": "study_id table: rows deleted",
+    "reports.study_id": "study_id table: rows deleted",
+    "report_exports.study_id": "study_id table: rows deleted",
+    "report_exports.sop_instance_uid": "study_id table: rows deleted",
+    "dead_letters.study_id": "study_id table: rows deleted",
+    "study_arrivals.study_id": "study_id table: rows deleted",
+    "webhook_deliveries.payload": "payload names the study: rows deleted",
+    "idempotency_keys.response": "answer names the study: replaced by a purged tombstone",
+    "audit_log.detail": "kept: the append-only trail names ids only, never PHI",
+    "model_events.before": "model routing and gates only, never a study",
+    "model_events.after": "model routing and gates only, never a study",
+    "model_events.detail": "model routing and gates only, never a study",
+}
 
 
 @dataclass
@@ -44,8 +91,17 @@ class PurgeReport:
     redis_keys: int = 0
     studies: list[str] = field(default_factory=list)
     held_skipped: int = 0
+    dry_run: bool = False
 
     def summary(self) -> dict[str, Any]:
+        if self.dry_run:
+            return {
+                "dry_run": True,
+                "objects_would_delete": self.objects,
+                "rows_would_delete": self.rows,
+                "studies_would_delete": len(self.studies),
+                "held_studies_skipped": self.held_skipped,
+            }
         return {
             "objects_deleted": self.objects,
             "rows_deleted": self.rows,
@@ -87,21 +143,18 @@ def set_policy(conn: Connection, tenant: str, kind: str, max_age: timedelta) -> 
     )
 
 
-def set_legal_hold(conn: Connection, study_id: UUID, held: bool, *, actor: str) -> bool:
-    row = conn.execute(
-        "UPDATE studies SET legal_hold = %s WHERE id = %s RETURNING tenant_id", (held, study_id)
-    ).fetchone()
-    if row is not None:
-        record(
-            conn,
-            tenant_id=row[0],
-            principal=actor,
-            action="study.legal_hold" if held else "study.legal_hold_release",
-            resource_type="study",
-            resource_id=str(study_id),
-            outcome="ok",
-        )
-    return row is not None
+def set_legal_hold(
+    conn: Connection, study_id: UUID, held: bool, *, actor: str, reason: str = "set in code"
+) -> bool:
+    """Hold or release one study (any tenant); audited with the reason (see legal_hold)."""
+    from orchestrator import legal_hold
+
+    change = legal_hold.hold if held else legal_hold.release
+    try:
+        change(conn, study_id, reason=reason, actor=legal_hold.Actor(actor))
+    except legal_hold.StudyNotFound:
+        return False
+    return True
 
 
 def _expired(conn: Connection, kind: str, extra: str = "") -> list[dict[str, Any]]:
@@ -191,6 +244,64 @@ def _redis_keys(redis: Redis, prefix: str, study_id: UUID) -> int:
     return deleted
 
 
+def _past(kind: str) -> str:
+    """SQL: study ``s`` is past its tenant's ``kind`` policy (kind is one of KINDS)."""
+    assert kind in KINDS, kind
+    return (
+        "EXISTS (SELECT 1 FROM retention_policies p WHERE p.tenant_id = s.tenant_id"
+        f" AND p.kind = '{kind}' AND s.created_at < now() - p.max_age)"
+    )
+
+
+def _would_delete(conn: Connection, report: PurgeReport) -> None:
+    """What ``purge`` would delete now, counted the way it counts what it deletes."""
+    report.dry_run = True
+    unheld = "FROM studies s WHERE NOT s.legal_hold AND "
+
+    def joined(table: str, kind: str, cond: str = "true") -> int:
+        row = conn.execute(
+            f"SELECT count(*) FROM {table} x JOIN studies s ON s.id = x.study_id"
+            f" WHERE NOT s.legal_hold AND {_past(kind)} AND {cond}"
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    # Stored objects: previews, originals and reports.
+    report.objects += joined("instances", "previews", "x.preview_key IS NOT NULL")
+    report.objects += joined("instances", "originals", "x.object_key <> ''")
+    for table, kind in (
+        ("reports", "reports"),
+        ("results", "results"),
+        ("review_cases", "results"),
+    ):
+        n = joined(table, kind)
+        report.add_rows(table, n)
+        if table == "reports":
+            report.objects += n
+    # Whole studies: past originals, and nothing else left once the other kinds are purged.
+    gone = conn.execute(
+        f"SELECT s.id {unheld}{_past('originals')}"
+        f" AND ({_past('previews')} OR NOT EXISTS (SELECT 1 FROM instances i"
+        "   WHERE i.study_id = s.id AND i.preview_key IS NOT NULL))"
+        f" AND ({_past('reports')} OR NOT EXISTS (SELECT 1 FROM reports r WHERE r.study_id = s.id))"
+        f" AND ({_past('results')} OR NOT EXISTS (SELECT 1 FROM results r WHERE r.study_id = s.id))"
+    ).fetchall()
+    report.studies = [str(r[0]) for r in gone]
+    report.add_rows("studies", len(gone))
+
+
+def _forget_upload(conn: Connection, study: dict[str, Any], counts: dict[str, int]) -> None:
+    """Delete the study's webhook notices; replace the Idempotency-Key answers that name it
+    by a tombstone that says the upload was purged and keeps nothing of it."""
+    needle = str(study["id"])
+    counts["webhook_deliveries"] = conn.execute(
+        "DELETE FROM webhook_deliveries WHERE tenant_id = %s AND payload->>'study_id' = %s",
+        (study["tenant_id"], needle),
+    ).rowcount
+    counts["idempotency_keys"] = idempotency.forget_study(
+        conn, tenant_id=study["tenant_id"], study_id=study["id"]
+    )
+
+
 def purge(
     conn: Connection, store: ObjectStore, redis: Redis, *, prefix: str, dry_run: bool = False
 ) -> PurgeReport:
@@ -203,8 +314,7 @@ def purge(
         ).fetchone()[0]  # type: ignore[index]
     )
     if dry_run:
-        for kind in KINDS:
-            report.rows[f"studies_past_{kind}"] = len(_expired(conn, kind))
+        _would_delete(conn, report)
         return report
 
     for study in _expired(
@@ -281,6 +391,7 @@ def purge(
                 sql.SQL("DELETE FROM {} WHERE study_id = %s").format(sql.Identifier(table)),
                 (study["id"],),
             ).rowcount
+        _forget_upload(conn, study, counts)
         counts["studies"] = conn.execute(
             "DELETE FROM studies WHERE id = %s", (study["id"],)
         ).rowcount

@@ -20,6 +20,8 @@ from orchestrator.errors import DependencyUnavailable, ObjectNotFound, StorageEr
 S3_CONNECT_TIMEOUT_S = 5
 S3_READ_TIMEOUT_S = 30
 S3_MAX_ATTEMPTS = 3
+# Local store: tries to make an object's folder that a concurrent delete may remove once empty.
+_MKDIR_TRIES = 3
 
 
 class ObjectStore(Protocol):
@@ -51,10 +53,21 @@ class LocalStore:
             raise StorageError(f"key escapes the store: {key!r}")
         return Path(path)
 
+    def _temp_beside(self, path: Path) -> tuple[int, str]:
+        """A temporary file in ``path``'s folder, made if needed. A delete may remove the
+        folder once it is empty between the mkdir and the mkstemp: make it again."""
+        for _ in range(_MKDIR_TRIES - 1):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                return tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            except FileNotFoundError:
+                continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+
     def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        fd, tmp = self._temp_beside(path)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -67,8 +80,7 @@ class LocalStore:
         self, key: str, chunks: Iterable[bytes], *, content_type: str = "application/octet-stream"
     ) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        fd, tmp = self._temp_beside(path)
         try:
             with os.fdopen(fd, "wb") as fh:
                 for chunk in chunks:
@@ -85,7 +97,17 @@ class LocalStore:
             raise ObjectNotFound(key) from exc
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        """Remove the object, then the folders it leaves empty (a purged study's
+        ``tenants/<t>/studies/<id>/…`` folders name it), up to but not including the root."""
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        parent, root = path.parent, Path(self._real_root)
+        while parent != root and root in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (or already gone, or in use): stop here
+                break
+            parent = parent.parent
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

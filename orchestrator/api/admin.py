@@ -1,13 +1,17 @@
-"""/v1/audit (admin: the tenant's audit trail) and /v1/break-glass (emergency access)."""
+"""/v1/audit (admin: the tenant's audit trail), /v1/break-glass (emergency access) and legal
+hold (admin: ``POST /v1/studies/{id}/legal-hold``, ``POST .../legal-hold/release``, each with
+a reason, audited; ``GET /v1/legal-holds`` lists the tenant's held studies)."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 from typing import Annotated, Any
+from uuid import UUID
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
+from orchestrator import legal_hold
 from orchestrator.api.deps import Admin, ServicesDep, audit, require
 from orchestrator.db import audit as audit_db
 from orchestrator.db import translate_errors
@@ -32,6 +36,17 @@ class BreakGlassRequest(BaseModel):
     role: str
     reason: str = Field(min_length=1, max_length=2000)
     duration_s: int = Field(default=900, ge=1)
+
+
+class LegalHoldChange(BaseModel):
+    reason: str = Field(min_length=1, max_length=legal_hold.REASON_MAX_CHARS)
+
+
+class LegalHoldsPage(BaseModel):
+    items: list[dict[str, Any]]
+    total: int
+    limit: int
+    offset: int
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
@@ -120,3 +135,57 @@ def break_glass(
         detail={"role": body.role, "reason": body.reason, "expires_at": expires_at.isoformat()},
     )
     return {"id": str(grant_id), "role": body.role, "expires_at": expires_at.isoformat()}
+
+
+def _actor(request: Request, principal: Any) -> legal_hold.Actor:
+    return legal_hold.Actor(
+        name=principal.name,
+        principal_id=principal.key_id,
+        tenant_id=principal.tenant_id,
+        request_id=request.state.request_id,
+        source_ip=request.client.host if request.client else None,
+    )
+
+
+@router.post("/v1/studies/{study_id}/legal-hold")
+def put_on_legal_hold(
+    request: Request, services: ServicesDep, principal: Admin, study_id: UUID, body: LegalHoldChange
+) -> dict[str, Any]:
+    """Keep the study whatever the retention policies say, until released; audited."""
+    with translate_errors(), services.pool.connection() as conn:
+        return legal_hold.hold(conn, study_id, reason=body.reason, actor=_actor(request, principal))
+
+
+@router.post("/v1/studies/{study_id}/legal-hold/release")
+def release_legal_hold(
+    request: Request, services: ServicesDep, principal: Admin, study_id: UUID, body: LegalHoldChange
+) -> dict[str, Any]:
+    """Take the study off hold: retention applies again from the next purge; audited."""
+    with translate_errors(), services.pool.connection() as conn:
+        return legal_hold.release(
+            conn, study_id, reason=body.reason, actor=_actor(request, principal)
+        )
+
+
+@router.get("/v1/legal-holds", response_model=LegalHoldsPage)
+def list_legal_holds(
+    request: Request,
+    services: ServicesDep,
+    principal: Admin,
+    limit: Annotated[int, Query(ge=1, le=legal_hold.LIST_LIMIT_MAX)] = DEFAULT_PAGE_SIZE,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> LegalHoldsPage:
+    with translate_errors(), services.pool.connection() as conn:
+        rows, total = legal_hold.held(
+            conn, tenant_id=principal.tenant_id, limit=limit, offset=offset
+        )
+    audit(
+        request,
+        services,
+        principal,
+        action="legal_hold.list",
+        resource_type="study",
+        resource_id=None,
+        detail={"returned": len(rows)},
+    )
+    return LegalHoldsPage(items=rows, total=total, limit=limit, offset=offset)

@@ -27,6 +27,7 @@ from orchestrator.db.keys import Principal
 from orchestrator.errors import (
     BadRequest,
     Conflict,
+    Gone,
     InvalidUpload,
     MedtriageError,
     PayloadTooLarge,
@@ -212,6 +213,8 @@ def idempotent(
             pending_timeout_s=IDEMPOTENCY_PENDING_TIMEOUT_S,
         )
     if not claim.owner:
+        if idempotency.purged(claim):
+            raise Gone(idempotency.PURGED_DETAIL)
         if claim.route != route or claim.request_sha256 != fingerprint:
             raise InvalidUpload(
                 "this Idempotency-Key was used for a different request; use a new key for "

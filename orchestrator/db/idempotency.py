@@ -1,4 +1,10 @@
-"""Idempotency keys: the first answer to a request, replayed for retries (per tenant)."""
+"""Idempotency keys: the first answer to a request, replayed for retries (per tenant).
+
+When retention purges a study, the answers that name it are replaced by a tombstone
+(``forget_study``) that keeps nothing of the upload: a retry under the same key is then told
+the upload was purged (410 Gone, ``purged``) rather than "accepted" for a study that no
+longer exists, and may send it again under a new key.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,14 @@ from uuid import UUID
 
 from psycopg import Connection
 from psycopg.types.json import Jsonb
+
+# The tombstone a purged upload's key answers with (until the key's TTL runs out).
+PURGED_STATUS = 410
+PURGED_ERROR = "UploadPurged"
+PURGED_DETAIL = (
+    "the upload sent under this Idempotency-Key was deleted by its tenant's retention policy;"
+    " nothing of it is kept. Send it again under a new Idempotency-Key to store it anew"
+)
 
 
 @dataclass(frozen=True)
@@ -92,3 +106,27 @@ def release(conn: Connection, *, tenant_id: UUID, key: str) -> None:
         (tenant_id, key),
     )
     conn.commit()
+
+
+def purged(claim: Claim) -> bool:
+    """The key's upload was deleted by retention (its answer is the tombstone)."""
+    return (
+        claim.status_code == PURGED_STATUS
+        and isinstance(claim.response, dict)
+        and claim.response.get("error") == PURGED_ERROR
+    )
+
+
+def forget_study(conn: Connection, *, tenant_id: UUID, study_id: UUID) -> int:
+    """Replace every answer of the tenant that names the study by the purged tombstone (file
+    names, UIDs and the request's fingerprint go); returns how many keys it touched."""
+    return conn.execute(
+        "UPDATE idempotency_keys SET status_code = %s, response = %s, request_sha256 = '',"
+        " completed_at = now() WHERE tenant_id = %s AND strpos(response::text, %s) > 0",
+        (
+            PURGED_STATUS,
+            Jsonb({"error": PURGED_ERROR, "detail": PURGED_DETAIL}),
+            tenant_id,
+            str(study_id),
+        ),
+    ).rowcount

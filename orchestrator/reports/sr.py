@@ -21,6 +21,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from orchestrator.reports.context import ReportContext
+from orchestrator.reports.source_header import normalise
 
 MANUFACTURER = "medtriage"
 DEVICE_NAME = "medtriage triage pipeline"
@@ -52,7 +53,10 @@ _TYPE2_FROM_SOURCE = (
 
 
 def evidence(source: Dataset) -> Dataset:
+    """A copy of the source header the report can copy from: values the standard would
+    refuse repaired or dropped (source_header.normalise, warnings without values)."""
     ds = deepcopy(source)
+    normalise(ds, required=_TYPE2_FROM_SOURCE)
     for keyword in _TYPE2_FROM_SOURCE:
         if keyword not in ds:
             setattr(ds, keyword, "")

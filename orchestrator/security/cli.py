@@ -1,4 +1,5 @@
-"""``medtriage keys list|revoke``, ``audit verify|query``, ``purge``, ``deid``, ``break-glass``."""
+"""``medtriage keys list|revoke``, ``audit verify|query``, ``purge``, ``legal-hold
+set|release|list``, ``deid``, ``break-glass``."""
 
 from __future__ import annotations
 
@@ -118,6 +119,47 @@ def _cmd_retention_set(args: argparse.Namespace, settings: CliSettings) -> int:
     return 0
 
 
+def _cmd_legal_hold(args: argparse.Namespace, settings: CliSettings) -> int:
+    from uuid import UUID
+
+    from orchestrator import legal_hold
+    from orchestrator.errors import MedtriageError
+
+    actor = legal_hold.Actor(name=f"cli:{args.by}")
+    change = legal_hold.hold if args.action == "set" else legal_hold.release
+    try:
+        study_id = UUID(args.study_id)
+    except ValueError:
+        print(f"not a study id: {args.study_id!r}", file=sys.stderr)
+        return 1
+    with _connect(settings) as conn:
+        try:
+            row = change(conn, study_id, reason=args.reason, actor=actor)
+        except MedtriageError as exc:
+            print(exc.message, file=sys.stderr)
+            return 1
+    print(json.dumps(row))
+    return 0
+
+
+def _cmd_legal_hold_list(args: argparse.Namespace, settings: CliSettings) -> int:
+    from orchestrator import legal_hold
+
+    with _connect(settings) as conn:
+        tenant_id = None
+        if args.tenant:
+            row = conn.execute("SELECT id FROM tenants WHERE name = %s", (args.tenant,)).fetchone()
+            if row is None:
+                print(f"no tenant {args.tenant!r}", file=sys.stderr)
+                return 1
+            tenant_id = row[0]
+        rows, total = legal_hold.held(conn, tenant_id=tenant_id, limit=args.limit)
+    for item in rows:
+        print(json.dumps(item))
+    print(f"{len(rows)} of {total} held", file=sys.stderr)
+    return 0
+
+
 def _cmd_deid(args: argparse.Namespace, settings: CliSettings) -> int:
     from orchestrator import deid
 
@@ -166,6 +208,20 @@ def add_parser(sub: Any) -> None:
     rset.add_argument("kind", choices=["originals", "previews", "reports", "results"])
     rset.add_argument("max_age")
     rset.set_defaults(func=_cmd_retention_set)
+
+    hold = sub.add_parser(
+        "legal-hold", help="keep studies whatever the retention policies say"
+    ).add_subparsers(dest="action", required=True)
+    for name, what in (("set", "put a study on hold"), ("release", "take a study off hold")):
+        p = hold.add_parser(name, help=f"{what} (audited, with the reason)")
+        p.add_argument("study_id")
+        p.add_argument("--reason", required=True, help="why (e.g. the matter it is kept for)")
+        p.add_argument("--by", required=True, help="who asks (written to the audit trail)")
+        p.set_defaults(func=_cmd_legal_hold)
+    hl = hold.add_parser("list", help="held studies as JSON lines, newest hold first")
+    hl.add_argument("--tenant", default=None)
+    hl.add_argument("--limit", type=int, default=100)
+    hl.set_defaults(func=_cmd_legal_hold_list)
 
     deid = sub.add_parser("deid", help="de-identify DICOM (PS3.15 Annex E basic profile)")
     deid.add_argument("input", help="a DICOM file or a folder")

@@ -48,6 +48,9 @@ _PREFIX_BYTES = 7
 _TAG_BYTES = 16
 KEY_BYTES = 32  # AES-256
 _MAX_KID = 255
+_MAGIC_BYTES = len(MAGIC)  # both layouts' magics are this long
+# The largest segment size a reader accepts (64 MiB): a bent header cannot ask for more.
+_MAX_SEGMENT_BYTES = 64 << 20
 
 
 class ObjectTampered(StorageError):
@@ -164,16 +167,48 @@ def seal_stream(
     yield aead.encrypt(_segment_nonce(prefix, index, True), bytes(buf), key.encode())
 
 
+def _kid(blob: bytes, key: str) -> tuple[str, int]:
+    """The key id after the magic and where the rest starts; ObjectTampered if the frame
+    is cut or bent there (a length byte past the end, an empty or non-ascii id)."""
+    if len(blob) < _MAGIC_BYTES + 1:
+        raise _malformed(key, "cut before its key id")
+    n = blob[_MAGIC_BYTES]
+    end = _MAGIC_BYTES + 1 + n
+    raw = blob[_MAGIC_BYTES + 1 : end]
+    if n == 0 or len(raw) < n:
+        raise _malformed(key, "cut inside its key id")
+    if not raw.isascii() or b":" in raw:
+        raise _malformed(key, "key id is not a key id")
+    return raw.decode("ascii"), end
+
+
+def _malformed(key: str, what: str) -> ObjectTampered:
+    return ObjectTampered(f"object {key} is not a well-formed sealed object ({what})")
+
+
+def _aead(ring: KeyRing, key: str, kid: str) -> AESGCM:
+    """The cipher for ``kid``; an id this ring does not hold is an integrity failure of that
+    object (a bent key id, or a key dropped from the ring while objects still need it)."""
+    try:
+        return AESGCM(ring.key(kid))
+    except StorageError as exc:
+        raise ObjectTampered(
+            f"object {key} is sealed with unknown key id {kid!r} (tampered, or its key was"
+            " removed from the ring too early)"
+        ) from exc
+
+
 def _open_stream(ring: KeyRing, key: str, blob: bytes) -> bytes:
-    n = blob[len(MAGIC_STREAM)]
-    pos = len(MAGIC_STREAM) + 1
-    kid = blob[pos : pos + n].decode("ascii", errors="replace")
-    pos += n
+    kid, pos = _kid(blob, key)
+    if len(blob) < pos + _PREFIX_BYTES + 4 + _TAG_BYTES:
+        raise _malformed(key, "cut inside its segment header")
     prefix = blob[pos : pos + _PREFIX_BYTES]
     pos += _PREFIX_BYTES
     segment_bytes = int.from_bytes(blob[pos : pos + 4], "big")
     pos += 4
-    aead = AESGCM(ring.key(kid))
+    if not 0 < segment_bytes <= _MAX_SEGMENT_BYTES:
+        raise _malformed(key, f"segment size {segment_bytes}")
+    aead = _aead(ring, key, kid)
     sealed = segment_bytes + _TAG_BYTES
     segments = max(1, -(-(len(blob) - pos) // sealed))
     # Each segment decrypted into its place in one buffer (no growing, no per-segment copies).
@@ -204,19 +239,21 @@ def _open_stream(ring: KeyRing, key: str, blob: bytes) -> bytes:
 
 
 def open_sealed(ring: KeyRing, key: str, blob: bytes) -> bytes:
-    if blob.startswith(MAGIC_STREAM) and len(blob) > len(MAGIC_STREAM):
+    """The plaintext of a sealed object. Anything else (a bad tag, a plain file, a frame cut
+    or bent anywhere, a key id the ring does not hold) raises ObjectTampered, the one error
+    the pipeline turns into an integrity failure of that instance alone."""
+    if blob.startswith(MAGIC_STREAM):
         return _open_stream(ring, key, blob)
-    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 1:
+    if not blob.startswith(MAGIC):
         raise ObjectTampered(f"object {key} is not encrypted; refusing to serve it")
-    n = blob[len(MAGIC)]
-    start = len(MAGIC) + 1
-    kid = blob[start : start + n].decode("ascii", errors="replace")
-    nonce = blob[start + n : start + n + NONCE_BYTES]
+    kid, start = _kid(blob, key)
+    if len(blob) < start + NONCE_BYTES + _TAG_BYTES:
+        raise _malformed(key, "cut inside its nonce or tag")
+    nonce = blob[start : start + NONCE_BYTES]
+    aead = _aead(ring, key, kid)
     try:
-        return AESGCM(ring.key(kid)).decrypt(
-            nonce, memoryview(blob)[start + n + NONCE_BYTES :], key.encode()
-        )
-    except InvalidTag as exc:
+        return aead.decrypt(nonce, memoryview(blob)[start + NONCE_BYTES :], key.encode())
+    except (InvalidTag, ValueError) as exc:
         raise ObjectTampered(
             f"object {key} failed its AES-GCM integrity check (tampered or moved)"
         ) from exc
@@ -249,8 +286,10 @@ def key_id_of(blob: bytes) -> str | None:
     """The key id an object was sealed with, or None if it is not sealed."""
     if not blob.startswith((MAGIC, MAGIC_STREAM)):
         return None
-    n = blob[len(MAGIC)]
-    return blob[len(MAGIC) + 1 : len(MAGIC) + 1 + n].decode("ascii", errors="replace")
+    try:
+        return _kid(blob, "")[0]
+    except ObjectTampered:
+        return None
 
 
 class EncryptedStore:

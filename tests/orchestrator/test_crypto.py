@@ -28,14 +28,18 @@ from orchestrator.db.keys import Principal, create_key
 from orchestrator.errors import StorageError
 from orchestrator.security.crypto import (
     MAGIC,
+    MAGIC_STREAM,
+    NONCE_BYTES,
     SEALED_TEXT_PREFIX,
     EncryptedStore,
     KeyRing,
     ObjectTampered,
     key_id_of,
     new_key_entry,
+    open_sealed,
     open_text,
     seal,
+    seal_stream,
     seal_text,
 )
 from orchestrator.storage import LocalStore, S3Store, open_store
@@ -301,3 +305,124 @@ def test_sealed_text_opens_only_for_its_context_and_keys() -> None:
     with pytest.raises(StorageError):
         open_text(KeyRing.parse(new_key_entry("other")), "webhook:a:secret", sealed)
     assert open_text(None, "webhook:a:secret", "plain-legacy") == "plain-legacy"
+
+
+def _framing_errors(ring: KeyRing) -> dict[str, bytes]:
+    """Sealed objects cut or bent inside their framing, in both layouts."""
+    one = bytes(seal(ring, "obj", b"DICOM" * 50))
+    stream = b"".join(seal_stream(ring, "obj", [b"DICOM" * 50], segment_bytes=64))
+    kid_len = one[len(MAGIC)]
+    nonce_at = len(MAGIC) + 1 + kid_len
+    return {
+        "magic only": MAGIC,
+        "cut inside the key id": one[: len(MAGIC) + 1 + kid_len // 2],
+        "cut after the key id": one[:nonce_at],
+        "cut inside the nonce": one[: nonce_at + NONCE_BYTES // 2],
+        "cut inside the tag": one[: nonce_at + NONCE_BYTES + 5],
+        "key id length past the end": MAGIC + b"\xff" + one[5:20],
+        "key id not ascii": one[: len(MAGIC) + 1] + b"\xff" * kid_len + one[nonce_at:],
+        "stream magic only": MAGIC_STREAM + b"\x05",
+        "stream cut inside the header": stream[: len(MAGIC_STREAM) + 1 + kid_len + 3],
+        "stream zero segment size": stream[: len(MAGIC_STREAM) + 1 + kid_len + 7]
+        + b"\x00\x00\x00\x00"
+        + stream[len(MAGIC_STREAM) + 1 + kid_len + 11 :],
+        "stream cut inside a segment": stream[: len(stream) - 40],
+        "stream cut after the header": stream[: len(MAGIC_STREAM) + 1 + kid_len + 11],
+    }
+
+
+def test_every_framing_error_is_an_integrity_failure() -> None:
+    """A truncated or bent sealed object is tampering (ObjectTampered), never a ValueError,
+    an IndexError or a bare StorageError that would fail the whole study."""
+    ring = KeyRing.parse(new_key_entry("kid-long-enough"))
+    for name, blob in _framing_errors(ring).items():
+        with pytest.raises(ObjectTampered, match="obj"):
+            open_sealed(ring, "obj", blob)
+        assert key_id_of(blob) is None or isinstance(key_id_of(blob), str), name
+    # A well-framed object under a key this ring does not hold is refused the same way,
+    # naming the key id so a key dropped too early is recognisable.
+    other = bytes(seal(KeyRing.parse(new_key_entry("gone")), "obj", b"x"))
+    with pytest.raises(ObjectTampered, match="unknown key id 'gone'"):
+        open_sealed(ring, "obj", other)
+
+
+@pytest.mark.integration
+def test_truncated_objects_fail_their_instance_and_the_rest_is_inferred(
+    settings_env: dict[str, str], database_url: str, redis_url: str, storage_dir: Path
+) -> None:
+    """Stored originals cut inside their nonce, inside their key id, or replaced by a cut
+    segmented header: each fails alone as an integrity failure; the intact instance is
+    inferred and the study gets its report."""
+    from orchestrator import queue as jobqueue
+    from orchestrator.pipeline import process_study
+    from orchestrator.settings import WorkerSettings
+    from orchestrator.worker import build_context
+
+    fields = {k.removeprefix("MEDTRIAGE_").lower(): v for k, v in settings_env.items()}
+    fields["queue_prefix"] = f"crypto-{uuid.uuid4().hex[:8]}"
+    settings = WorkerSettings(**fields)
+    store = open_store(settings.storage_url)
+    pool = connect_pool(database_url)
+    pool.wait()
+    with psycopg.connect(database_url) as conn:
+        key_id, _ = create_key(conn, tenant="tenant-crypto-cut", name="t", role="uploader")
+        tenant_id = conn.execute(
+            "SELECT id FROM tenants WHERE name = 'tenant-crypto-cut'"
+        ).fetchone()[0]
+    principal = Principal(key_id=key_id, tenant_id=tenant_id, name="t", role="uploader")
+    study_uid = generate_uid()
+    files = []
+    for i in range(4):
+        ds = dcmread(io.BytesIO(_dicom(f"CUT{i}")))
+        ds.StudyInstanceUID = study_uid
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        files.append((f"f{i}.dcm", buf.getvalue()))
+    redis = Redis.from_url(redis_url)
+    result = ingest.ingest(
+        pool,
+        store,
+        redis,
+        settings.queue_name,
+        principal,
+        files,
+        max_pixels=10**9,
+        job_timeout_s=60,
+    )
+    study_id = next(iter(result.studies))
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT id, object_key FROM instances WHERE study_id = %s ORDER BY created_at, sop_uid",
+            (study_id,),
+        ).fetchall()
+    assert len(rows) == 4
+    sealed = (storage_dir / rows[0][1]).read_bytes()
+    nonce_at = len(MAGIC) + 1 + sealed[len(MAGIC)]
+    (storage_dir / rows[0][1]).write_bytes(sealed[: nonce_at + 5])  # inside the nonce
+    (storage_dir / rows[1][1]).write_bytes(sealed[: nonce_at - 2])  # inside the key id
+    (storage_dir / rows[2][1]).write_bytes(MAGIC_STREAM + sealed[4:9])  # cut stream header
+    ctx = build_context(settings, "test-crypto-cut")
+    try:
+        process_study(ctx, study_id, jobqueue.job_id(study_id))
+    finally:
+        ctx.pool.close()
+        pool.close()
+        for leftover in redis.scan_iter(f"{fields['queue_prefix']}:*"):
+            redis.delete(leftover)
+    with psycopg.connect(database_url) as conn:
+        states = {
+            r[0]: (r[1], r[2])
+            for r in conn.execute(
+                "SELECT id, status, error FROM instances WHERE study_id = %s", (study_id,)
+            )
+        }
+        study = conn.execute("SELECT status FROM studies WHERE id = %s", (study_id,)).fetchone()
+        reports = conn.execute(
+            "SELECT count(*) FROM reports WHERE study_id = %s", (study_id,)
+        ).fetchone()[0]
+    for row in rows[:3]:
+        status, error = states[row[0]]
+        assert status == "failed" and error.startswith("integrity:"), (status, error)
+    assert states[rows[3][0]][0] == "done", states[rows[3][0]]
+    assert study is not None and study[0] in ("done", "needs_review"), study
+    assert reports >= 1

@@ -121,11 +121,13 @@ def test_basic_profile_cleans_a_study_consistently(
     assert len({ds.SOPInstanceUID for ds in after.values()}) == INSTANCES
     summary = result.summary()
     assert summary["files"] == INSTANCES
-    assert summary["failed"] == [{"path": "notes.txt", "error": "not DICOM: InvalidDicomError"}]
+    # Known by its place in the sorted listing (notes.txt comes first), never by its name.
+    assert summary["failed"] == [{"index": 0, "error": "not DICOM: InvalidDicomError"}]
     # study + series + one SOP instance per file
     assert summary["uids_remapped"] == 2 + INSTANCES
-    assert summary["burned_in_annotation"] == []  # CR without the attribute: not flagged
+    assert summary["refused"] == [] and summary["burned_in_cleaned"] == []  # CR: no text
     assert planted[0]["PatientName"] not in json.dumps(summary)
+    assert "notes" not in json.dumps(summary) and "series0" not in json.dumps(summary)
 
 
 def test_uid_replacement_is_keyed_and_deterministic() -> None:
@@ -151,7 +153,7 @@ def test_uid_replacement_is_keyed_and_deterministic() -> None:
     ],
     ids=["cr-undeclared", "us-undeclared", "cr-declared-yes", "us-declared-no", "sc-undeclared"],
 )
-def test_burned_in_annotation_flagged(
+def test_burned_in_annotation_refused_unless_cleaned(
     tmp_path: Path, modality: str, declared: str | None, sc: bool, expected: str
 ) -> None:
     images, _ = load_samples()
@@ -164,12 +166,16 @@ def test_burned_in_annotation_flagged(
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
     summary = deid.deidentify_path(tmp_path / "x.dcm", tmp_path / "y.dcm").summary()
-    flagged = summary["burned_in_annotation"]
     if expected == "NO":
-        assert flagged == []
-    else:
-        assert flagged == [{"path": "x.dcm", "burned_in": expected, "modality": modality}]
-    assert pydicom.dcmread(tmp_path / "y.dcm").PatientIdentityRemoved == "YES"
+        assert summary["refused"] == [] and summary["files"] == 1
+        assert pydicom.dcmread(tmp_path / "y.dcm").PatientIdentityRemoved == "YES"
+        return
+    # Never exported as if clean: refused, with the reason, and nothing written.
+    (refusal,) = summary["refused"]
+    assert refusal["index"] == 0 and refusal["modality"] == modality
+    assert "burned-in text" in refusal["reason"] and "no rule" in refusal["reason"]
+    assert ("YES" if expected == "YES" else "not declared") in refusal["reason"]
+    assert summary["files"] == 0 and not (tmp_path / "y.dcm").exists()
 
 
 def test_cli_deid_end_to_end(tmp_path: Path, study: tuple[Path, list[dict[str, str]]]) -> None:
@@ -220,9 +226,12 @@ def test_pydicom_test_files(tmp_path: Path, name: str, burned_in: str) -> None:
     src = Path(str(get_testdata_file(name)))
     original = pydicom.dcmread(src, force=True)
     result = deid.deidentify_path(src, tmp_path / name).summary()
-    assert result["failed"] == [] and result["files"] == 1
-    flagged = [f["burned_in"] for f in result["burned_in_annotation"]]
-    assert flagged == ([] if burned_in == "NO" else [burned_in])
+    assert result["failed"] == []
+    if burned_in != "NO":  # may show text, no rule cleans it: refused, not written
+        assert result["files"] == 0 and len(result["refused"]) == 1
+        assert not (tmp_path / name).exists()
+        return
+    assert result["files"] == 1 and result["refused"] == []
     ds = pydicom.dcmread(tmp_path / name, force=True)
     assert ds.PatientIdentityRemoved == "YES"
     assert not any(e.tag.is_private or e.tag.group in (0x5000, 0x6000) for e in ds.iterall())

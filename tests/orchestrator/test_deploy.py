@@ -286,7 +286,8 @@ def test_the_compose_build_has_a_dockerfile_for_the_serving_path(compose: dict[s
 def test_a_plain_install_carries_what_the_serving_path_reads(tmp_path: Path) -> None:
     """What the image's `pip install .` puts in site-packages: a wheel built, as in the image,
     from only what the Dockerfile copies (not from the checkout, where a build/ folder could
-    carry stale files into it): migrations, the Triton template and the report schema load."""
+    carry stale files into it): migrations, the Triton template, the report schema and the
+    de-identification tables load."""
     source = tmp_path / "src"
     source.mkdir()
     for src in _dockerfile_copies():
@@ -315,6 +316,8 @@ def test_a_plain_install_carries_what_the_serving_path_reads(tmp_path: Path) -> 
         "print(len(list((root / 'db' / 'migrations').glob('*.sql'))))\n"
         "assert (root / 'triton' / 'model.py.tmpl').read_text().startswith('\"\"\"')\n"
         "json.loads((root / 'reports' / 'report.schema.json').read_text())\n"
+        "from orchestrator import deid\n"
+        "assert len(deid.RECIPE) > 250 and deid.SAFE and deid.load_burn_in_rules() == []\n"
     )
     ran = subprocess.run(
         [sys.executable, "-c", probe],

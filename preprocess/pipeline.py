@@ -94,24 +94,27 @@ def _fit(shape: tuple[int, int], longest: int) -> tuple[int, int]:
     return max(1, round(rows * scale)), max(1, round(cols * scale))
 
 
-# A whole-block reduction that does not land exactly on the target keeps at least this many
-# times the target's size: a second, fractional area step from just above the target (512 →
-# 32 → 28) blurs the result measurably (≈ 4 points of triage accuracy), from 4× it does not.
-_BLOCK_MIN_MULTIPLE = 4
+# For the model tensor, a whole-block reduction that does not land exactly on the target keeps
+# at least this many times the target's size: a second, fractional area step from just above
+# the target (512 → 32 → 28) blurs the tensor measurably (≈ 4 points of triage accuracy); from
+# 4× it does not. The preview (hundreds of pixels) takes the block step down to its size.
+MODEL_BLOCK_MIN_MULTIPLE = 4
 
 
-def _block_factor(shape: tuple[int, ...], size: tuple[int, int]) -> int:
+def _block_factor(shape: tuple[int, ...], size: tuple[int, int], min_multiple: int = 1) -> int:
     """The largest k ≥ 2 that divides both sides and either lands exactly on ``size`` or keeps
-    the image at least ``_BLOCK_MIN_MULTIPLE`` × ``size``; else 1."""
+    the image at least ``min_multiple`` × ``size``; else 1."""
     rows, cols = shape[:2]
     if rows % size[0] == 0 and cols % size[1] == 0 and rows // size[0] == cols // size[1]:
         return rows // size[0]
-    limit = min(rows // (size[0] * _BLOCK_MIN_MULTIPLE), cols // (size[1] * _BLOCK_MIN_MULTIPLE))
+    limit = min(rows // (size[0] * min_multiple), cols // (size[1] * min_multiple))
     common = math.gcd(rows, cols)
     return next((k for k in range(limit, 1, -1) if common % k == 0), 1)
 
 
-def _shrink(arr: np.ndarray, size: tuple[int, int], interp: int) -> np.ndarray:
+def _shrink(
+    arr: np.ndarray, size: tuple[int, int], interp: int, min_multiple: int = 1
+) -> np.ndarray:
     if arr.shape[:2] == size:
         return arr
     if (
@@ -122,7 +125,7 @@ def _shrink(arr: np.ndarray, size: tuple[int, int], interp: int) -> np.ndarray:
     if interp == cv2.INTER_AREA:
         # OpenCV averages whole k×k blocks (an exact integer ratio) several times faster than
         # fractional areas: a 2048×2500 frame goes to 512×625 first, then to the target.
-        k = _block_factor(arr.shape, size)
+        k = _block_factor(arr.shape, size, min_multiple)
         if k > 1:
             arr = cv2.resize(arr, (arr.shape[1] // k, arr.shape[0] // k), interpolation=interp)
             if arr.shape[:2] == size:
@@ -199,10 +202,11 @@ def _resample(display: np.ndarray, spec: PreprocessSpec, size: tuple[int, int]) 
     if spec.antialias and rows > size[0] and cols > size[1]:
         factor = min(_ANTIALIAS_OVERSAMPLE, rows // size[0], cols // size[1])
         mid = (size[0] * factor, size[1] * factor)
-        display = _shrink(display, mid, cv2.INTER_AREA).astype(np.float32, copy=False)
+        display = _shrink(display, mid, cv2.INTER_AREA, MODEL_BLOCK_MIN_MULTIPLE)
+        display = display.astype(np.float32, copy=False)
         sigma = ANTIALIAS_SIGMA_OUT * factor
         display = cv2.GaussianBlur(display, (0, 0), sigmaX=sigma, sigmaY=sigma)
-    return _shrink(display, size, _interp(spec))
+    return _shrink(display, size, _interp(spec), MODEL_BLOCK_MIN_MULTIPLE)
 
 
 def to_model_input(

@@ -113,7 +113,7 @@ def test_arrivals_wait_then_queue_and_a_running_job_is_followed_by_another(
     images, _ = load_samples()
     study_uid, series = generate_uid(), generate_uid()
     a, b, c = (
-        radiograph(images[i], study_uid=study_uid, series_uid=series, size=64) for i in range(3)
+        radiograph(images[i], study_uid=study_uid, series_uid=series, size=256) for i in range(3)
     )
 
     study_id = _send(env, a, ("stow", False))

@@ -32,7 +32,7 @@ from orchestrator.settings import ApiSettings
 
 pytestmark = pytest.mark.integration
 
-SIZE = 64
+SIZE = 256  # the chest set takes films of at least 256×256 (applicability.toml)
 TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 WAIT_S = 120.0
 CANNOT_UNDERSTAND, DOES_NOT_MATCH = 0xC000, 0xA900

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.integration
 
 AE_TITLE = "MEDTRIAGE"
 TENANT = "tenant-dimse"
-SIZE = 64
+SIZE = 256  # the chest set takes films of at least 256×256 (applicability.toml)
 START_TIMEOUT_S = 30.0
 TOOL_TIMEOUT_S = 60
 TERMINAL = {"done", "failed", "needs_review", "not_applicable"}

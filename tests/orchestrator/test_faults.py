@@ -39,7 +39,7 @@ pytestmark = pytest.mark.integration
 
 WORKERS = 2
 IMAGES_PER_STUDY = 4
-IMAGE_SIZE = 128
+IMAGE_SIZE = 256  # the chest set takes films of at least 256×256 (applicability.toml)
 # Reconciler settings for the stack under test: quick, so recovery is measured in seconds.
 RECONCILE_INTERVAL_S = 1.0
 STALE_AFTER_S = 3.0

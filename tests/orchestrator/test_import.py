@@ -27,7 +27,7 @@ from orchestrator.samples import load_samples, radiograph
 
 pytestmark = pytest.mark.integration
 
-SIZE = 64
+SIZE = 256  # the chest set takes films of at least 256×256 (applicability.toml)
 TENANT = "tenant-import"
 TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 WAIT_S = 120.0

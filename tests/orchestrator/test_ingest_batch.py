@@ -25,7 +25,7 @@ from orchestrator.storage import LocalStore
 pytestmark = pytest.mark.integration
 
 FILES = 5
-IMAGE_SIZE = 64
+IMAGE_SIZE = 256  # the chest set takes films of at least 256×256 (applicability.toml)
 
 
 class FailingStore(LocalStore):

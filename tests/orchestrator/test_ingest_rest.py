@@ -23,7 +23,7 @@ from orchestrator.settings import ApiSettings
 
 pytestmark = pytest.mark.integration
 
-SIZE = 64
+SIZE = 256  # the chest set takes films of at least 256×256 (applicability.toml)
 
 
 @pytest.fixture(scope="module")

@@ -126,7 +126,7 @@ def _run(settings_env: dict[str, str], make_key: Any, corrupt: dict[str, Corrupt
             "files",
             (
                 f"{i}.dcm",
-                radiograph(images[i], study_uid=study_uid, size=64, instance_number=i + 1),
+                radiograph(images[i], study_uid=study_uid, size=256, instance_number=i + 1),
                 "application/dicom",
             ),
         )

@@ -70,7 +70,7 @@ def test_stat_studies_are_sent_at_priority_one(
     env["queue_prefix"] = f"priority-{uuid.uuid4().hex[:6]}"
     key = make_key("uploader", "priority")
     images, _ = load_samples()
-    data = radiograph(images[0], study_uid=generate_uid(), size=64, priority=dicom_priority)
+    data = radiograph(images[0], study_uid=generate_uid(), size=256, priority=dicom_priority)
     with TestClient(create_app(ApiSettings(**env))) as api:
         response = api.post(
             "/v1/studies",

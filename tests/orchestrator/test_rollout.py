@@ -23,7 +23,7 @@ SPLIT_STUDIES = 200
 # Binomial σ for 200 studies at p=0.5 is 3.5 %; ±12 % is beyond 3σ.
 SPLIT_TOLERANCE = 0.12
 # Small images keep 200 studies quick; the model input is 28×28 either way.
-IMAGE_SIZE = 64
+IMAGE_SIZE = 256  # the chest set takes films of at least 256×256 (applicability.toml)
 WAIT_S = 240.0
 
 

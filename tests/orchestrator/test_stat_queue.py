@@ -80,7 +80,7 @@ def _sender(
 
     def send(priority: str) -> UUID:
         uid = generate_uid()
-        data = radiograph(images[0], study_uid=uid, size=64)
+        data = radiograph(images[0], study_uid=uid, size=256)
         result = ingest.ingest(
             pool,
             store,

@@ -19,6 +19,7 @@ from pydicom.uid import generate_uid
 
 from orchestrator import routing
 from orchestrator.api import create_app
+from orchestrator.applicability import load_sets
 from orchestrator.db import connect_pool
 from orchestrator.inference import PRIORITY_DEFAULT, PRIORITY_STAT, TritonInference
 from orchestrator.pipeline import WorkerContext, process_study
@@ -94,6 +95,7 @@ def test_stat_studies_are_sent_at_priority_one(
             store=open_store(settings.storage_url),
             inference=inference,
             models=models,
+            sets=load_sets(Path(settings.model_repository), models),
             worker_name="priority-test",
         )
         status = process_study(ctx, study_id, job_id(study_id))

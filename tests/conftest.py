@@ -53,6 +53,7 @@ def queue_prefix() -> str:
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """The real tritonserver serving the real model_repository, rendered for the CPU."""
+    from orchestrator.triton.config import load_repository
     from orchestrator.triton.local import TritonProcess, install_runtime, render_repository
 
     install_runtime(HOME)
@@ -63,7 +64,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         rendered,
         work / "triton.log",
         model_control="explicit",
-        load_models=["triage", "analysis"],
+        load_models=sorted(load_repository(REPO_ROOT / "model_repository")),
     )
     proc.start(timeout_s=180)
     yield proc

@@ -20,6 +20,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
+from orchestrator.errors import Conflict
 from orchestrator.reports.context import ReportContext
 from orchestrator.reports.source_header import normalise
 
@@ -134,6 +135,14 @@ def render(ctx: ReportContext, revision: int) -> bytes:
             is_live_triage = result["model"] == "triage" and result["arm"] == "live"
             reviewed = _reviewed_label(report, result["label"]) if is_live_triage else None
             groups.append(_group(n, source, result, reviewed))
+    if not groups:
+        # TID1500 needs at least one measurement group: a study with no model result (every
+        # image not_applicable or failed) has nothing to encode; the other forms say why.
+        status = report["study"]["status"]
+        raise Conflict(
+            f"study {report['study']['id']} is {status} and has no model result to encode as a"
+            " DICOM SR; read the JSON, HTML or PDF report for the reason"
+        )
     live = sorted(
         {
             f"{r['model']} v{r['version']}"

@@ -83,6 +83,14 @@ def test_images_no_model_was_made_for_end_not_applicable(client: httpx.Client, n
     report = client.get(f"/v1/studies/{body['id']}/report").json()
     assert report["study"]["status"] == "not_applicable"
     assert report["instances"][0]["status"] == "not_applicable"
+    # Every report form says so too (no result to draw, nothing to measure).
+    for fmt, marker in (("html", b"not_applicable"), ("pdf", b"%PDF")):
+        r = client.get(f"/v1/studies/{body['id']}/report", params={"format": fmt})
+        assert r.status_code == 200, (fmt, r.text[:300])
+        assert marker in r.content, fmt
+    # A DICOM SR needs a measurement; with none the answer says why, not a 500.
+    sr = client.get(f"/v1/studies/{body['id']}/report", params={"format": "sr"})
+    assert sr.status_code == 409 and "not_applicable" in sr.json()["detail"], sr.text
 
 
 def test_chest_study_end_to_end_matches_direct_onnxruntime(client: httpx.Client) -> None:

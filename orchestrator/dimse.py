@@ -4,10 +4,13 @@ Accepts every storage SOP class pynetdicom knows in every transfer syntax it kno
 C-ECHO. Each received instance goes through the same ingest as the API (one tenant per
 receiver, ``dimse_tenant``); the C-STORE status says what happened:
 
-    0x0000  stored, or already stored (the same SOPInstanceUID again is not stored twice)
+    0x0000  stored; or already stored, with the ErrorComment "already stored (duplicate)"
+            (the same SOPInstanceUID with the same content is not stored twice)
+    0x0111  a SOPInstanceUID already stored with other content (conflict): not stored
     0xA700  refused, out of resources: queue overloaded or a dependency down; retry later
-    0xA900  not an image this platform can triage (no pixel data, non-image SOP class, ...)
-    0xC000  cannot understand (unreadable, missing UIDs)
+    0xA900  not an image this platform can triage (no pixel data, non-image SOP class, ...),
+            a coded value it does not allow, or another patient's instance in a study
+    0xC000  cannot understand (unreadable, missing or invalid UIDs)
 
 with an ErrorComment naming the reason. Studies are queued by the arrivals sweeper
 (orchestrator/arrivals.py) once no instance has arrived for the stable age, or at once when
@@ -40,6 +43,8 @@ from orchestrator.storage import ObjectStore
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
+# Said with the success status of an instance stored before (the same content again).
+DUPLICATE_COMMENT = "already stored (duplicate): kept once"
 # ErrorComment (0000,0902) is LO: at most 64 characters.
 _COMMENT_MAX = 64
 # How long a stopped server waits for open associations to finish.
@@ -133,6 +138,7 @@ class StoreSCP:
                 data,
                 max_pixels=self.max_pixels,
                 priority=None,
+                source="dimse",
             )
         except MedtriageError as exc:
             log.warning("C-STORE from %s refused: %s", state.calling_ae, exc.message)
@@ -158,6 +164,8 @@ class StoreSCP:
             # The comment is short (64 characters): the reason without the file name.
             reason = (outcome.reason or "refused").removeprefix(f"{name}: ")
             return _status(dicomweb.failure_reason(outcome.category), reason)
+        if outcome.outcome == ingest.DUPLICATE:
+            return _status(SUCCESS, DUPLICATE_COMMENT)
         return _status(SUCCESS)
 
     def _finished(self, event: Any) -> None:
@@ -196,5 +204,13 @@ def _status(code: int, comment: str = "") -> Dataset:
     if comment:
         # LO: no backslashes or control characters.
         text = "".join(c if 32 <= ord(c) < 127 and c != "\\" else " " for c in comment)
-        status.ErrorComment = text[:_COMMENT_MAX]
+        status.ErrorComment = _shorten(" ".join(text.split()), _COMMENT_MAX)
     return status
+
+
+def _shorten(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters at a word boundary (never inside a number)."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit + 1].rsplit(" ", 1)[0].rstrip(" ,;:(")
+    return cut if cut else text[:limit]

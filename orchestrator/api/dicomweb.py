@@ -3,8 +3,9 @@
 The body is ``multipart/related; type="application/dicom"``, one DICOM Part 10 instance per
 part. The answer is the Store Instances Response (PS3.18 §10.5.3) as ``application/dicom+json``
 (or ``application/dicom+xml`` when the Accept header asks for it): 200 when every instance
-was stored (or already was), 202 when some failed, 409 when none could be stored. Each
-failure's reason in words is also sent as a ``Warning: 299`` header.
+was stored, 202 when some failed or were already stored (duplicates: referenced with the
+WarningReason 0x0111 Duplicate SOP Instance), 409 when none could be stored. Each failure's
+reason in words is also sent as a ``Warning: 299`` header, and one for the duplicates.
 
 Instances of one study may come in several requests: the study is processed once none has
 arrived for ``ingest_stable_age_s``, or at once when a request says ``?complete=true``.
@@ -27,7 +28,7 @@ from orchestrator.api import uploads
 from orchestrator.api.deps import ServicesDep, Uploader, audit
 from orchestrator.db.keys import Principal
 from orchestrator.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from orchestrator.ingest import ACCEPTED, REJECTED, FileOutcome
+from orchestrator.ingest import ACCEPTED, DUPLICATE, REJECTED, FileOutcome
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
 
@@ -112,7 +113,7 @@ def _split_files(
         name = headers.get("content-location") or f"part-{index + 1}"
         ctype = headers.get("content-type", uploads.DICOM_TYPE).split(";")[0].strip().lower()
         if ctype != uploads.DICOM_TYPE:
-            reason = f"{name}: part Content-Type {ctype!r} is not application/dicom"
+            reason = f"part Content-Type {ctype!r} is not application/dicom"
             refused.append((index, FileOutcome(name, REJECTED, reason, "media_type")))
         elif end - start <= ingest.STREAM_ABOVE_BYTES:
             fh.seek(start)
@@ -171,11 +172,18 @@ def _answer(
             "failed": len(failed),
         },
     )
-    status = 200 if not failed else (202 if stored else 409)
+    duplicates = [o for o in outcomes if o.outcome == DUPLICATE]
+    # PS3.18 10.5.3: 202 when some instances failed or carry warnings (already stored).
+    status = 200 if not (failed or duplicates) else (202 if stored else 409)
     response = dicomweb.store_response(outcomes)
     warnings = [
         f'299 medtriage "{_header_text(o.reason or "refused")}"' for o in failed[:_MAX_WARNINGS]
     ]
+    if duplicates:
+        warnings.append(
+            f'299 medtriage "{len(duplicates)} instance(s) already stored with the same '
+            'content (duplicate): kept once"'
+        )
     if _wants_xml(request):
         content, media = dicomweb.to_xml(response), dicomweb.DICOM_XML
     else:

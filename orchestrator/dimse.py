@@ -1,8 +1,9 @@
 """DIMSE C-STORE receiver (``medtriage dimse``): a Storage SCP with pynetdicom.
 
-Accepts every storage SOP class pynetdicom knows in every transfer syntax it knows, and
-C-ECHO. Each received instance goes through the same ingest as the API (one tenant per
-receiver, ``dimse_tenant``); the C-STORE status says what happened:
+Accepts every storage SOP class, private and unknown ones included (as REST and STOW-RS
+do), in every transfer syntax pynetdicom knows, and C-ECHO. Each received instance goes
+through the same ingest as the API (one tenant per receiver, ``dimse_tenant``); the
+C-STORE status says what happened:
 
     0x0000  stored; or already stored, with the ErrorComment "already stored (duplicate)"
             (the same SOPInstanceUID with the same content is not stored twice)
@@ -105,6 +106,10 @@ class StoreSCP:
         # Each received dataset goes to a temporary file, not memory (process-wide setting;
         # this process only receives): large instances are then streamed to the store.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # Private and unknown storage SOP classes are negotiated too, as REST and STOW-RS
+        # take them: the ingest decides per instance (an image with pixel data is stored,
+        # anything else refused with a reason), not the association.
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._echo),
             (evt.EVT_C_STORE, self._store),

@@ -194,14 +194,43 @@ def _stow(env: dict[str, Any], data: bytes) -> tuple[str, str | None, str | None
     return "rejected", f"{item['00081197']['Value'][0]:04X}", warning
 
 
-def _dimse(env: dict[str, Any], data: bytes) -> tuple[str, str | None, str | None]:
-    """(outcome, status as hex, error comment) from DCMTK's storescu (debug output)."""
+# storescu proposes only the SOP classes it knows, unless a configuration profile lists more.
+_PRIVATE_CONFIG = """[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+
+[[PresentationContexts]]
+[Private]
+PresentationContext1 = {sop_class}\\Uncompressed
+
+[[Profiles]]
+[Private]
+PresentationContexts = Private
+"""
+
+
+def _dimse(
+    env: dict[str, Any], data: bytes, proposal: tuple[str, ...] = ("-R",)
+) -> tuple[str, str | None, str | None]:
+    """(outcome, status as hex, error comment) from DCMTK's storescu (debug output);
+    ``proposal``: its presentation context options (-R: the file's SOP class)."""
     path = env["tmp"] / f"{uuid.uuid4().hex}.dcm"
     path.write_bytes(data)
     storescu = shutil.which("storescu")
     assert storescu, "storescu not found: install the Debian package dcmtk"
     result = subprocess.run(
-        [storescu, "-d", "-nh", "-aec", AE_TITLE, "127.0.0.1", str(env["port"]), str(path)],
+        [
+            storescu,
+            "-d",
+            "-nh",
+            *proposal,
+            "-aec",
+            AE_TITLE,
+            "127.0.0.1",
+            str(env["port"]),
+            str(path),
+        ],
         capture_output=True,
         text=True,
         timeout=TOOL_TIMEOUT_S,
@@ -469,3 +498,25 @@ def test_ingest_never_stores_an_instance_with_a_generated_bad_uid(env: dict[str,
             if len(value) > 2:
                 assert value not in outcome.reason
 
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_private_image_sop_class_is_accepted_on_every_path(
+    env: dict[str, Any], path: str
+) -> None:
+    """Issue 15 item 10: C-STORE refused private and unknown image SOP classes at
+    association while REST and STOW-RS stored them."""
+    private = "1.2.826.0.1.3680043.8.498.1.15"
+    data = _instance(None, SOPClassUID=private)
+    ds = dcmread(io.BytesIO(data))
+    ds.file_meta.MediaStorageSOPClassUID = UID(private)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    if path == "dimse":
+        config = env["tmp"] / "storescu.cfg"
+        config.write_text(_PRIVATE_CONFIG.format(sop_class=private))
+        outcome, code, reason = _dimse(env, buf.getvalue(), ("-xf", str(config), "Private"))
+    else:
+        outcome, code, reason = SEND[path](env, buf.getvalue())
+    assert outcome == "accepted", (outcome, code, reason)
+    with psycopg.connect(env["database_url"]) as conn:
+        assert [r[0] for r in conn.execute("SELECT sop_class_uid FROM instances")] == [private]

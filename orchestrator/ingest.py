@@ -400,16 +400,25 @@ def _check_complete(ds: Any, data: bytes | Path) -> None:
         return  # check_image and the decoder report missing or odd image tags
     expected = (count * bits + 7) // 8
     element = ds.get_item("PixelData", keep_deferred=True)
+    declared = getattr(element, "length", None)
     if isinstance(data, Path) and getattr(element, "value", b"") is None:
         # Deferred (left on disk): its declared length, and what the file really holds.
         present = min(element.length, data.stat().st_size - element.value_tell)
     else:
         present = len(ds.PixelData or b"")
-    if present < expected:
+    if present >= expected:
+        return
+    if isinstance(declared, int) and declared != 0xFFFFFFFF and present < declared:
         raise preprocess.TruncatedError(
-            f"pixel data holds {present} bytes but the image tags declare {expected}: "
-            "the file is truncated; send it again"
+            f"the file ends inside its pixel data ({present} of {declared} bytes): it is "
+            "truncated; send it again"
         )
+    # Whole as declared, yet short of what the image tags need: no resend would help.
+    raise preprocess.MalformedImageError(
+        f"pixel data of {present} bytes is shorter than the {expected} bytes (0028,0010) Rows x "
+        "(0028,0011) Columns x frames x samples x (0028,0100) BitsAllocated declare for "
+        f"uncompressed {syntax.name}: fix the image tags or the (0002,0010) TransferSyntaxUID"
+    )
 
 
 def _read_header(path: Path) -> Any:

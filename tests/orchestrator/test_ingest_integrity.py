@@ -26,9 +26,10 @@ import pytest
 from fastapi.testclient import TestClient
 from pydicom import config as pydicom_config
 from pydicom import dcmread
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID, RLELossless, generate_uid
 from redis import Redis
 
+import preprocess
 from orchestrator import importer, ingest, ingest_rules, metrics
 from orchestrator.api.app import create_app
 from orchestrator.db import connect_pool, upgrade
@@ -37,6 +38,7 @@ from orchestrator.dimse import StoreSCP
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import ApiSettings
 from orchestrator.storage import LocalStore
+from preprocess.decode import decode_frame
 
 pytestmark = pytest.mark.integration
 
@@ -520,3 +522,94 @@ def test_a_private_image_sop_class_is_accepted_on_every_path(
     assert outcome == "accepted", (outcome, code, reason)
     with psycopg.connect(env["database_url"]) as conn:
         assert [r[0] for r in conn.execute("SELECT sop_class_uid FROM instances")] == [private]
+
+
+def _without_file_meta(data: bytes, *, implicit: bool = True) -> bytes:
+    ds = dcmread(io.BytesIO(data))
+    del ds.file_meta
+    ds.preamble = None
+    buf = io.BytesIO()
+    ds.save_as(buf, implicit_vr=implicit, little_endian=True)
+    return buf.getvalue()
+
+
+def _with_stale_meta_block(data: bytes, syntax: str) -> bytes:
+    """A Part 10 file whose data set starts with a stale group-0002 block naming another
+    (0002,0010) TransferSyntaxUID: left by a tool that rewrote the file."""
+    group_length = int.from_bytes(data[140:144], "little")
+    end = 144 + group_length
+    value = syntax.encode() + b"\0" * (len(syntax) % 2)
+    stale = b"\x02\x00\x10\x00UI" + len(value).to_bytes(2, "little") + value
+    return data[:end] + stale + data[end:]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_file_without_file_meta_is_stored_as_the_worker_will_decode_it(
+    env: dict[str, Any], path: str
+) -> None:
+    """Issue 15 item 5: accepted over REST/STOW, then 'no Transfer Syntax UID' in the
+    worker. Now ingest settles the syntax the data set was encoded in, as decoding does."""
+    data = _without_file_meta(_instance(None))
+    assert data[128:132] != b"DICM"
+    outcome, code, reason = SEND[path](env, data)
+    assert outcome == "accepted", (outcome, code, reason)
+    with psycopg.connect(env["database_url"]) as conn:
+        (syntax,) = conn.execute("SELECT transfer_syntax_uid FROM instances").fetchone() or ("",)
+        (key,) = conn.execute("SELECT object_key FROM instances").fetchone() or ("",)
+    # C-STORE receives it as the negotiated syntax; the other paths deduce Implicit VR LE.
+    assert syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"), syntax
+    # What the worker does with the stored object: read and decode it.
+    # The API's store encrypts at rest; the receiver and the import here write plain files.
+    store = env["client"].app.state.services.store if path in ("rest", "stow") else env["store"]
+    stored = preprocess.read_dicom(store.get(key))
+    assert decode_frame(stored, 0, 1).shape == (64, 64)
+
+
+def test_compressed_pixels_without_a_transfer_syntax_are_refused_at_ingest(
+    env: dict[str, Any],
+) -> None:
+    ds = dcmread(io.BytesIO(_instance(None)))
+    ds.compress(RLELossless)
+    del ds.file_meta
+    ds.preamble = None
+    buf = io.BytesIO()
+    ds.save_as(buf, implicit_vr=False, little_endian=True)
+    for path in ("rest", "stow"):
+        outcome, _, reason = SEND[path](env, buf.getvalue())
+        assert outcome == "rejected", (path, outcome)
+        if reason:
+            assert "TransferSyntaxUID" in reason
+    assert _instances(env) == 0
+
+
+@pytest.mark.parametrize("path", ["rest", "stow", "import"])
+def test_a_stale_group_0002_block_never_overrides_the_file_meta(
+    env: dict[str, Any], path: str
+) -> None:
+    """Issue 15 item 6: File Meta says RLE Lossless, a stale block inside the data set says
+    Explicit VR Little Endian; the stale one won and the file was refused as truncated.
+    (C-STORE sends a data set without File Meta, so the shape cannot reach it.)"""
+    ds = dcmread(io.BytesIO(_instance(None)))
+    ds.compress(RLELossless)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = _with_stale_meta_block(buf.getvalue(), "1.2.840.10008.1.2.1")
+    outcome, code, reason = SEND[path](env, data)
+    assert outcome == "accepted", (outcome, code, reason)
+    with psycopg.connect(env["database_url"]) as conn:
+        (syntax,) = conn.execute("SELECT transfer_syntax_uid FROM instances").fetchone() or ("",)
+    assert syntax == RLELossless
+
+
+def test_truncated_means_the_bytes_ended_early(env: dict[str, Any]) -> None:
+    data = _instance(None)
+    outcome, category, reason = _rest(env, data[:-100])
+    assert (outcome, category) == ("rejected", "truncated") and reason and "ends" in reason
+    # Whole, but the tags declare more than the pixel data holds: no resend would help.
+    ds = dcmread(io.BytesIO(_instance(None)))
+    ds.Rows = 128
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    outcome, category, reason = _rest(env, buf.getvalue())
+    assert (outcome, category) == ("rejected", "malformed"), reason
+    assert reason and "send it again" not in reason and "Rows" in reason

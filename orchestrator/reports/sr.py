@@ -20,6 +20,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
+from orchestrator.reports.conform import conformant
 from orchestrator.reports.context import ReportContext
 
 MANUFACTURER = "medtriage"
@@ -52,7 +53,7 @@ _TYPE2_FROM_SOURCE = (
 
 
 def evidence(source: Dataset) -> Dataset:
-    ds = deepcopy(source)
+    ds = conformant(deepcopy(source))
     for keyword in _TYPE2_FROM_SOURCE:
         if keyword not in ds:
             setattr(ds, keyword, "")

@@ -26,11 +26,14 @@ import pytest
 from fastapi.testclient import TestClient
 from pydicom import config as pydicom_config
 from pydicom import dcmread
-from pydicom.uid import UID, RLELossless, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+from pydicom.sequence import Sequence
+from pydicom.uid import UID, ExplicitVRBigEndian, RLELossless, generate_uid
 from redis import Redis
 
 import preprocess
-from orchestrator import importer, ingest, ingest_rules, metrics
+from orchestrator import dimse, importer, ingest, ingest_rules, metrics
 from orchestrator.api.app import create_app
 from orchestrator.db import connect_pool, upgrade
 from orchestrator.db.keys import Principal, create_key, ensure_tenant
@@ -613,3 +616,47 @@ def test_truncated_means_the_bytes_ended_early(env: dict[str, Any]) -> None:
     outcome, category, reason = _rest(env, buf.getvalue())
     assert (outcome, category) == ("rejected", "malformed"), reason
     assert reason and "send it again" not in reason and "Rows" in reason
+
+
+@pytest.mark.parametrize("path", ["rest", "stow", "import"])
+def test_explicit_big_endian_with_undefined_length_sequences_is_read(
+    env: dict[str, Any], path: str
+) -> None:
+    """Issue 15 item 7's shape as pydicom writes it: Explicit VR Big Endian, a sequence and
+    its item of undefined length. Read and stored (the worker reads it the same way)."""
+    ds = dcmread(io.BytesIO(_instance(None)))
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "1", "99TEST", "test"
+    ds.ProcedureCodeSequence = Sequence([item])
+    ds["ProcedureCodeSequence"].is_undefined_length = True
+    item.is_undefined_length_sequence_item = True
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, implicit_vr=False, little_endian=False, force_encoding=True)
+    outcome, code, reason = SEND[path](env, buf.getvalue())
+    assert outcome == "accepted", (outcome, code, reason)
+    read = preprocess.read_dicom(buf.getvalue())
+    assert read.ProcedureCodeSequence[0].CodeValue == "1"
+    assert read.pixel_array.shape == (64, 64)
+
+
+def test_answers_name_no_internal_parts_and_comments_end_at_a_word(env: dict[str, Any]) -> None:
+    """Issue 15 item 8: STOW reasons named internal part numbers ("part-1"); the C-STORE
+    ErrorComment was cut at 64 characters in the middle of a number."""
+    body = (f"--{BOUNDARY}\r\nContent-Type: text/plain\r\n\r\nhello\r\n--{BOUNDARY}--\r\n").encode()
+    r = env["client"].post(
+        "/dicomweb/studies",
+        content=body,
+        headers={
+            **_headers(env["key"]),
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+        },
+    )
+    assert r.status_code == 409
+    assert "part-" not in r.headers["warning"] and "text/plain" in r.headers["warning"]
+    comment = dimse._status(0xA900, "pixel data of 8192 bytes is shorter than 123456 bytes")
+    text = str(comment.ErrorComment)
+    assert len(text) <= 64 and text.split()[-1] in ["pixel", "data", "of", "8192", "bytes", "is", "shorter"]
+    long = "x " * 25 + "declared 1234567890"
+    cut = str(dimse._status(0xA900, long).ErrorComment)
+    assert len(cut) <= 64 and not cut.endswith(("1", "2", "3", "4"))

@@ -155,13 +155,15 @@ def _settings(env: dict[str, Any], *, stable_age_s: float, stale_s: float) -> Wo
     )
 
 
+@pytest.mark.parametrize("source", ["stow", "dimse"])
 def test_a_study_waiting_for_its_stable_age_is_not_stale_and_is_queued_once(
-    env: dict[str, Any],
+    env: dict[str, Any], source: str
 ) -> None:
     """Issue 15 item 1: with a stable age longer than the reconciler's stale time, the
     reconciler used to requeue the study ('job lost') before it was complete, and the sweeper
     queued it again at the stable age: two runs, the first on part of the study. Shortened:
-    stable age 2 s, stale time and reconcile interval 0.25 s; two instances 1 s apart."""
+    stable age 2 s, stale time and reconcile interval 0.25 s; two instances 1 s apart. 'dimse'
+    is C-STORE with DIMSE_RELEASE_COMPLETES=false or an aborted association (never complete)."""
     settings = _settings(env, stable_age_s=2.0, stale_s=0.25)
     images, _ = load_samples()
     study_uid, series = generate_uid(), generate_uid()
@@ -169,12 +171,12 @@ def test_a_study_waiting_for_its_stable_age_is_not_stale_and_is_queued_once(
         radiograph(images[i], study_uid=study_uid, series_uid=series, size=64) for i in range(2)
     )
     started = time.monotonic()
-    study_id = _send(env, first, ("stow", False))
+    study_id = _send(env, first, (source, False))
     queued_at: list[float] = []
     sent_second = False
     while time.monotonic() - started < 5.0:
         if not sent_second and time.monotonic() - started > 1.0:
-            assert _send(env, second, ("stow", False)) == study_id
+            assert _send(env, second, (source, False)) == study_id
             sent_second = True
         done = reconcile.reconcile_once(env["pool"], env["redis"], settings)
         assert done.requeued == [] and done.dead_lettered == [], done.public()

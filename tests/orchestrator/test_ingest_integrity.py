@@ -656,7 +656,15 @@ def test_answers_name_no_internal_parts_and_comments_end_at_a_word(env: dict[str
     assert "part-" not in r.headers["warning"] and "text/plain" in r.headers["warning"]
     comment = dimse._status(0xA900, "pixel data of 8192 bytes is shorter than 123456 bytes")
     text = str(comment.ErrorComment)
-    assert len(text) <= 64 and text.split()[-1] in ["pixel", "data", "of", "8192", "bytes", "is", "shorter"]
+    assert len(text) <= 64 and text.split()[-1] in [
+        "pixel",
+        "data",
+        "of",
+        "8192",
+        "bytes",
+        "is",
+        "shorter",
+    ]
     long = "x " * 25 + "declared 1234567890"
     cut = str(dimse._status(0xA900, long).ErrorComment)
     assert len(cut) <= 64 and not cut.endswith(("1", "2", "3", "4"))

@@ -40,6 +40,9 @@ ACCEPTED, DUPLICATE, REJECTED = "accepted", "duplicate", "rejected"
 # 'ingest.conflict'): another patient's instance claiming a study, and a SOPInstanceUID
 # already stored with other content.
 PATIENT, SOP = "patient_mismatch", "instance_conflict"
+# Native little-endian syntaxes hold the same pixel bytes (a C-STORE peer may re-encode an
+# Explicit VR file as Implicit VR): their content digests compare.
+_LITTLE_ENDIAN_NATIVE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
 _CONFLICT_REASONS = {
     PATIENT: "patient mismatch: the study holds another patient's instances (PatientID, "
     "or PatientName and PatientBirthDate, differ); not stored: check the sender's patient "
@@ -210,13 +213,14 @@ def _check(
 
 def _same_content(f: _Checked, stored: tuple[str, str | None, str | None]) -> bool:
     """Whether a SOP instance already stored holds what ``f`` holds. Rows stored before
-    content digests existed, and the same instance in another transfer syntax (its pixel
-    data encoded differently), are compared by SOP class alone: decoding both to compare
-    is the worker's work, and the original is kept either way."""
+    content digests existed, and the same instance in another transfer syntax whose pixel
+    data is encoded differently (compressed), are compared by SOP class alone: decoding both
+    to compare is the worker's work, and the original is kept either way."""
     sop_class, syntax, content = stored
     if sop_class != f.sop_class_uid:
         return False
-    if content is None or (syntax or "") != f.transfer_syntax_uid:
+    comparable = {syntax or "", f.transfer_syntax_uid}
+    if content is None or not (len(comparable) == 1 or comparable <= _LITTLE_ENDIAN_NATIVE):
         return True
     return content == f.content_key
 

@@ -668,3 +668,22 @@ def test_answers_name_no_internal_parts_and_comments_end_at_a_word(env: dict[str
     long = "x " * 25 + "declared 1234567890"
     cut = str(dimse._status(0xA900, long).ErrorComment)
     assert len(cut) <= 64 and not cut.endswith(("1", "2", "3", "4"))
+
+
+def test_other_pixels_in_implicit_vr_are_a_conflict_too(env: dict[str, Any]) -> None:
+    """Native little-endian syntaxes hold the same pixel bytes, so a re-encoded instance is
+    compared by content: the same image is a duplicate, another image a conflict."""
+    study_uid, sop_uid = generate_uid(), generate_uid()
+    assert _rest(env, _instance(study_uid, sop_uid=sop_uid))[0] == "accepted"
+
+    def implicit(data: bytes) -> bytes:
+        ds = dcmread(io.BytesIO(data))
+        ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2")
+        buf = io.BytesIO()
+        ds.save_as(buf, implicit_vr=True, little_endian=True, enforce_file_format=True)
+        return buf.getvalue()
+
+    same = implicit(_instance(study_uid, sop_uid=sop_uid))
+    assert _rest(env, same)[0] == "duplicate"
+    other = implicit(_instance(study_uid, index=1, sop_uid=sop_uid))
+    assert _rest(env, other)[:2] == ("rejected", ingest.SOP)

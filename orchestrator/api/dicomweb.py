@@ -14,7 +14,6 @@ arrived for ``ingest_stable_age_s``, or at once when a request says ``?complete=
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
@@ -23,7 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from orchestrator import backpressure, dicomweb, ingest, metrics
+from orchestrator import backpressure, dicomweb, ingest, ingest_rules, metrics
 from orchestrator.api import uploads
 from orchestrator.api.deps import ServicesDep, Uploader, audit
 from orchestrator.db.keys import Principal
@@ -32,9 +31,6 @@ from orchestrator.ingest import ACCEPTED, DUPLICATE, REJECTED, FileOutcome
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
 
-# A UID: digits and dots, at most 64 characters (PS3.5 §9.1).
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_UID_MAX = 64
 # At most this many Warning headers (one per failed instance) on a response.
 _MAX_WARNINGS = 20
 
@@ -48,8 +44,9 @@ async def store_instances(request: Request, services: ServicesDep, principal: Up
 async def store_study_instances(
     request: Request, services: ServicesDep, principal: Uploader, study_instance_uid: str
 ) -> Response:
-    if len(study_instance_uid) > _UID_MAX or not _UID.match(study_instance_uid):
-        raise BadRequest(f"{study_instance_uid[:80]!r} is not a StudyInstanceUID")
+    if problem := ingest_rules.uid_problem(study_instance_uid):
+        # Not echoed: the path may hold markup or free text.
+        raise BadRequest(f"the StudyInstanceUID in the path {problem}: not a valid UID")
     return await _store(request, services, principal, study_instance_uid)
 
 

@@ -687,3 +687,17 @@ def test_other_pixels_in_implicit_vr_are_a_conflict_too(env: dict[str, Any]) -> 
     assert _rest(env, same)[0] == "duplicate"
     other = implicit(_instance(study_uid, index=1, sop_uid=sop_uid))
     assert _rest(env, other)[:2] == ("rejected", ingest.SOP)
+
+
+@pytest.mark.parametrize("target", ["<script>x", "1.02.3", "1..2"])
+def test_stow_target_study_uid_follows_the_ui_rules(env: dict[str, Any], target: str) -> None:
+    r = env["client"].post(
+        f"/dicomweb/studies/{target}",
+        content=b"--b\r\n\r\n--b--\r\n",
+        headers={
+            **_headers(env["key"]),
+            "Content-Type": 'multipart/related; type="application/dicom"; boundary=b',
+        },
+    )
+    assert r.status_code == 400, r.text
+    assert target not in r.text and "StudyInstanceUID" in r.text

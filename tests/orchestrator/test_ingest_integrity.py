@@ -701,3 +701,35 @@ def test_stow_target_study_uid_follows_the_ui_rules(env: dict[str, Any], target:
     )
     assert r.status_code == 400, r.text
     assert target not in r.text and "StudyInstanceUID" in r.text
+
+
+def test_generated_spellings_of_one_patient_match_and_other_patients_do_not() -> None:
+    """Seeded variations senders produce for the same person (case, trailing empty name
+    components, padding) keep one patient; another ID, name or birth date is another."""
+    rng = random.Random(FUZZ_SEED + 2)
+    tenant = str(uuid.uuid4())
+    for _ in range(300):
+        family = "".join(rng.choice("ABCDEFGHIJ") for _ in range(rng.randint(2, 8)))
+        given = "".join(rng.choice("KLMNOPQRST") for _ in range(rng.randint(2, 8)))
+        pid = f"P{rng.randint(1, 10**6)}"
+        birth = f"19{rng.randint(10, 99)}0{rng.randint(1, 9)}1{rng.randint(0, 9)}"
+        base = {"PatientID": pid, "PatientName": f"{family}^{given}", "PatientBirthDate": birth}
+        variant = dict(base)
+        spelling = rng.choice([str.lower, str.upper, str.title])
+        variant["PatientName"] = spelling(f"{family}^{given}") + "^" * rng.randint(0, 3)
+        variant["PatientID"] = pid + " " * rng.randint(0, 1)
+        keys = ingest_rules.patient_keys(_Tags(base), tenant)
+        assert ingest_rules.patient_keys(_Tags(variant), tenant) == keys, (base, variant)
+        for keyword, other in (
+            ("PatientID", pid + "9"),
+            ("PatientName", f"{given}^{family}"),
+            ("PatientBirthDate", birth[:-1] + str((int(birth[-1]) + 1) % 10)),
+        ):
+            changed = ingest_rules.patient_keys(_Tags({**base, keyword: other}), tenant)
+            assert changed != keys, keyword
+        # Scoped per tenant: equal values in another tenant give other digests.
+        assert ingest_rules.patient_keys(_Tags(base), str(uuid.uuid4())) != keys
+
+
+class _Tags(dict[str, str]):
+    """Enough of a Dataset for patient_keys: ``get`` by keyword."""

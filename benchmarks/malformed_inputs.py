@@ -498,6 +498,54 @@ def _not_dicom(rng: random.Random) -> Iterator[Case]:
     )
 
 
+# UID values that break PS3.5 9.1 (issue 15): each in each of the three identifying UIDs.
+_BAD_UIDS = {
+    "empty": "",
+    "script": "<script>alert(1)</script>",
+    "text": "study one",
+    "leading-zero": "1.2.03.4",
+    "empty-component": "1.2..3",
+    "trailing-dot": "1.2.3.",
+    "too-long": "1." + "2" * 70,
+}
+
+
+def _identity() -> Iterator[Case]:
+    """Identity and coded-value shapes: invalid UIDs, free-text codes, and pairs sent in
+    order — another patient's instance in a study, the same SOPInstanceUID with other
+    content — whose second file must be refused as a conflict."""
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        for label, value in _BAD_UIDS.items():
+            ds = good_dataset(f"identity-{keyword}-{label}")
+            ds[keyword].value = value  # bypasses pydicom's own validation of UI values
+            yield Case(f"{keyword}-{label}", "identity", _save(ds))
+    for label, tags in (
+        ("modality-markup", {"Modality": "<b>CT</b>"}),
+        ("modality-lower", {"Modality": "cr"}),  # normalised, accepted
+        ("photometric-unknown", {"PhotometricInterpretation": "GREEN"}),
+    ):
+        ds = good_dataset(f"identity-{label}")
+        for keyword, value in tags.items():
+            ds[keyword].value = value
+        yield Case(label, "identity", _save(ds))
+    first = good_dataset("identity-patient-a")
+    first.PatientID = "IDENTITY-A"
+    second = good_dataset("identity-patient-b")
+    second.StudyInstanceUID, second.PatientID = first.StudyInstanceUID, "IDENTITY-B"
+    yield Case("patient-a", "identity", _save(first))
+    yield Case("patient-b-same-study", "identity", _save(second))
+    original = good_dataset("identity-sop-original")
+    other = good_dataset("identity-sop-other")
+    other.PixelData = bytes(255 - b for b in other.PixelData)  # other pixels for certain
+    other.StudyInstanceUID, other.SeriesInstanceUID = (
+        original.StudyInstanceUID,
+        original.SeriesInstanceUID,
+    )
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = original.SOPInstanceUID
+    yield Case("sop-original", "identity", _save(original))
+    yield Case("sop-same-uid-other-pixels", "identity", _save(other))
+
+
 def build(seed: int = SEED) -> list[Case]:
     """Every case, distinct by content; same bytes on every run."""
     rng = random.Random(seed)
@@ -512,6 +560,7 @@ def build(seed: int = SEED) -> list[Case]:
         _bombs(),
         _zip_bombs(),
         _not_dicom(rng),
+        _identity(),
     ):
         cases.extend(family)
     unique: dict[bytes, Case] = {}

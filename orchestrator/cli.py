@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from orchestrator import logfilter
 from orchestrator.settings import ApiSettings, CliSettings, WorkerSettings
 
 
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logfilter.install()  # pydicom's warnings quote tag values: never into our logs
     return int(args.func(args, CliSettings()))
 
 

@@ -13,7 +13,7 @@ from typing import BinaryIO
 from pydicom.dataset import Dataset
 
 from orchestrator.errors import BadRequest
-from orchestrator.ingest import REJECTED, FileOutcome
+from orchestrator.ingest import DUPLICATE, REJECTED, FileOutcome
 
 DICOM_JSON = "application/dicom+json"
 DICOM_XML = "application/dicom+xml"
@@ -25,12 +25,22 @@ OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+# PS3.7 Annex C general status "Duplicate SOP Instance": as a FailureReason, a SOP instance
+# already stored with other content; as a WarningReason, one already stored as sent.
+DUPLICATE_SOP_INSTANCE = 0x0111
 # Our per-file categories (ingest and preprocess) to the closest standard reason.
 _REASONS = {
     "not_dicom": CANNOT_UNDERSTAND,
     "truncated": CANNOT_UNDERSTAND,
     "malformed": CANNOT_UNDERSTAND,
     "missing_uid": CANNOT_UNDERSTAND,
+    "invalid_uid": CANNOT_UNDERSTAND,
+    # A coded value (Modality, PhotometricInterpretation) the SOP class does not allow.
+    "invalid_value": DOES_NOT_MATCH_SOP_CLASS,
+    # Another patient's instance claiming the study: like study_mismatch, it does not
+    # belong to the study it names.
+    "patient_mismatch": DOES_NOT_MATCH_SOP_CLASS,
+    "instance_conflict": DUPLICATE_SOP_INSTANCE,
     "archive": CANNOT_UNDERSTAND,
     "media_type": CANNOT_UNDERSTAND,
     "no_pixel_data": DOES_NOT_MATCH_SOP_CLASS,
@@ -126,8 +136,9 @@ def _part_headers(head: bytes) -> tuple[dict[str, str], int]:
 
 
 def store_response(outcomes: Iterable[FileOutcome], retrieve_base: str | None = None) -> Dataset:
-    """The Store Instances Response: stored (and already stored) instances referenced,
-    refused ones listed with a FailureReason."""
+    """The Store Instances Response: stored instances referenced, already stored ones too
+    with the (0008,1196) WarningReason DUPLICATE_SOP_INSTANCE, refused ones listed with a
+    (0008,1197) FailureReason."""
     referenced: list[Dataset] = []
     failed: list[Dataset] = []
     for outcome in outcomes:
@@ -138,6 +149,8 @@ def store_response(outcomes: Iterable[FileOutcome], retrieve_base: str | None = 
             item.FailureReason = failure_reason(outcome.category)
             failed.append(item)
         else:
+            if outcome.outcome == DUPLICATE:
+                item.WarningReason = DUPLICATE_SOP_INSTANCE
             referenced.append(item)
     ds = Dataset()
     if retrieve_base:

@@ -1,13 +1,17 @@
 """DIMSE C-STORE receiver (``medtriage dimse``): a Storage SCP with pynetdicom.
 
-Accepts every storage SOP class pynetdicom knows in every transfer syntax it knows, and
-C-ECHO. Each received instance goes through the same ingest as the API (one tenant per
-receiver, ``dimse_tenant``); the C-STORE status says what happened:
+Accepts every storage SOP class, private and unknown ones included (as REST and STOW-RS
+do), in every transfer syntax pynetdicom knows, and C-ECHO. Each received instance goes
+through the same ingest as the API (one tenant per receiver, ``dimse_tenant``); the
+C-STORE status says what happened:
 
-    0x0000  stored, or already stored (the same SOPInstanceUID again is not stored twice)
+    0x0000  stored; or already stored, with the ErrorComment "already stored (duplicate)"
+            (the same SOPInstanceUID with the same content is not stored twice)
+    0x0111  a SOPInstanceUID already stored with other content (conflict): not stored
     0xA700  refused, out of resources: queue overloaded or a dependency down; retry later
-    0xA900  not an image this platform can triage (no pixel data, non-image SOP class, ...)
-    0xC000  cannot understand (unreadable, missing UIDs)
+    0xA900  not an image this platform can triage (no pixel data, non-image SOP class, ...),
+            a coded value it does not allow, or another patient's instance in a study
+    0xC000  cannot understand (unreadable, missing or invalid UIDs)
 
 with an ErrorComment naming the reason. Studies are queued by the arrivals sweeper
 (orchestrator/arrivals.py) once no instance has arrived for the stable age, or at once when
@@ -40,6 +44,8 @@ from orchestrator.storage import ObjectStore
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
+# Said with the success status of an instance stored before (the same content again).
+DUPLICATE_COMMENT = "already stored (duplicate): kept once"
 # ErrorComment (0000,0902) is LO: at most 64 characters.
 _COMMENT_MAX = 64
 # How long a stopped server waits for open associations to finish.
@@ -103,6 +109,10 @@ class StoreSCP:
         # Each received dataset goes to a temporary file, not memory (process-wide setting;
         # this process only receives): large instances are then streamed to the store.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # Private and unknown storage SOP classes are negotiated too, as REST and STOW-RS
+        # take them: the ingest decides per instance (an image with pixel data is stored,
+        # anything else refused with a reason), not the association.
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._echo),
             (evt.EVT_C_STORE, self._store),
@@ -136,6 +146,7 @@ class StoreSCP:
                 data,
                 max_pixels=self.max_pixels,
                 priority=None,
+                source="dimse",
             )
         except MedtriageError as exc:
             log.warning("C-STORE from %s refused: %s", state.calling_ae, exc.message)
@@ -161,6 +172,8 @@ class StoreSCP:
             # The comment is short (64 characters): the reason without the file name.
             reason = (outcome.reason or "refused").removeprefix(f"{name}: ")
             return _status(dicomweb.failure_reason(outcome.category), reason)
+        if outcome.outcome == ingest.DUPLICATE:
+            return _status(SUCCESS, DUPLICATE_COMMENT)
         return _status(SUCCESS)
 
     def _finished(self, event: Any) -> None:
@@ -204,5 +217,13 @@ def _status(code: int, comment: str = "") -> Dataset:
     if comment:
         # LO: no backslashes or control characters.
         text = "".join(c if 32 <= ord(c) < 127 and c != "\\" else " " for c in comment)
-        status.ErrorComment = text[:_COMMENT_MAX]
+        status.ErrorComment = _shorten(" ".join(text.split()), _COMMENT_MAX)
     return status
+
+
+def _shorten(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters at a word boundary (never inside a number)."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit + 1].rsplit(" ", 1)[0].rstrip(" ,;:(")
+    return cut if cut else text[:limit]

@@ -9,6 +9,8 @@ same as over the API: imported, duplicate, or rejected with a reason.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import shutil
 import sys
@@ -42,6 +44,8 @@ PROGRESS_EVERY_FILES = 100
 PRINCIPAL = "cli:import"
 # Large zip members are inflated to a temporary file in pieces of this size.
 _COPY_BYTES = 1024 * 1024
+# Files are hashed in pieces of this size (a resumed import compares them with what is stored).
+HASH_CHUNK_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -142,6 +146,9 @@ def _member_reader(path: Path, member: str) -> Callable[[], bytes]:
 
 
 def _stored_study(pool: ConnectionPool, tenant_id: UUID, source: BinaryIO | Path) -> UUID | None:
+    """The study already holding this very file (same SOP instance, same bytes): a resumed
+    import skips it unread. The same SOPInstanceUID with other bytes goes through the full
+    ingest, which tells a duplicate from a conflict."""
     try:
         # Bounded like the full ingest (a deflate bomb is not inflated, junk not parsed for long).
         ds = preprocess.read_header(source, stop_before_pixels=True)
@@ -151,7 +158,20 @@ def _stored_study(pool: ConnectionPool, tenant_id: UUID, source: BinaryIO | Path
     if "\0" in study_uid + sop_uid:  # PostgreSQL text cannot hold NUL: the ingest refuses it
         return None
     with translate_errors(), pool.connection() as conn:
-        return db.stored_instance(conn, tenant_id=tenant_id, study_uid=study_uid, sop_uid=sop_uid)
+        found = db.stored_instance(conn, tenant_id=tenant_id, study_uid=study_uid, sop_uid=sop_uid)
+    if found is None:
+        return None
+    study_id, sha256 = found
+    return study_id if _sha256(source) == sha256 else None
+
+
+def _sha256(source: BinaryIO | Path) -> str:
+    h = hashlib.sha256()
+    with source.open("rb") if isinstance(source, Path) else contextlib.nullcontext(source) as fh:
+        fh.seek(0)
+        while chunk := fh.read(HASH_CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class Progress:
@@ -228,6 +248,7 @@ class _Run:
                 content,
                 max_pixels=self.max_pixels,
                 priority=self.priority,
+                source="import",
             )
         except OSError as exc:  # the file went away or became unreadable meanwhile
             self._reject(source.name, f"unreadable ({exc})")

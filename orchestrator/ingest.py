@@ -1,7 +1,7 @@
 """Accepting DICOM files: validate, store the original, record rows, queue the study.
 
 Shared by every ingest path. Per file the outcome is ``accepted``, ``duplicate`` or
-``rejected`` with a reason. Nothing is half-stored: the files of one request that pass the
+``rejected`` with a reason (which never repeats the file name: the outcome carries it). Nothing is half-stored: the files of one request that pass the
 checks are recorded in one transaction, each object written before it commits, and every
 object it wrote is deleted again if it fails (the client's retry then stores them all).
 """
@@ -24,9 +24,11 @@ from redis.exceptions import RedisError
 from rq.job import JobStatus
 
 import preprocess
+from orchestrator import ingest_rules, metrics
 from orchestrator import queue as jobqueue
 from orchestrator.db import arrivals, translate_errors
 from orchestrator.db import studies as db
+from orchestrator.db.audit import record as record_audit
 from orchestrator.db.keys import Principal
 from orchestrator.db.studies import StudyStatus
 from orchestrator.storage import ObjectStore, original_key
@@ -34,6 +36,20 @@ from orchestrator.storage import ObjectStore, original_key
 log = logging.getLogger(__name__)
 
 ACCEPTED, DUPLICATE, REJECTED = "accepted", "duplicate", "rejected"
+# Ingest conflicts (refused, counted in metrics.INGEST_CONFLICTS, audited as
+# 'ingest.conflict'): another patient's instance claiming a study, and a SOPInstanceUID
+# already stored with other content.
+PATIENT, SOP = "patient_mismatch", "instance_conflict"
+# Native little-endian syntaxes hold the same pixel bytes (a C-STORE peer may re-encode an
+# Explicit VR file as Implicit VR): their content digests compare.
+_LITTLE_ENDIAN_NATIVE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
+_CONFLICT_REASONS = {
+    PATIENT: "patient mismatch: the study holds another patient's instances (PatientID, "
+    "or PatientName and PatientBirthDate, differ); not stored: check the sender's patient "
+    "matching or give this study its own StudyInstanceUID",
+    SOP: "conflict: SOPInstanceUID already stored with other content (SOP class or pixel "
+    "data); the original is kept: send the new object under a new SOPInstanceUID",
+}
 # Files spooled to disk above this size are validated from their header and streamed to the
 # store, never read whole into memory; smaller ones are simply read.
 STREAM_ABOVE_BYTES = 16 * 1024 * 1024
@@ -107,6 +123,10 @@ class _Checked:
     columns: int
     frames: int
     priority: str
+    # Keyed digests of the patient (ingest_rules.patient_keys) and of the content.
+    patient_id_key: str | None
+    patient_demo_key: str | None
+    content_key: str
 
 
 def _check(
@@ -116,6 +136,7 @@ def _check(
     max_pixels: int,
     priority: str | None,
     expect_study_uid: str | None,
+    tenant_id: str,
 ) -> _Checked | FileOutcome:
     """Parse and validate one file; the refusal (a FileOutcome) when it cannot be accepted.
     A spooled file is read whole only while it is checked (small ones) and stays on disk
@@ -128,11 +149,15 @@ def _check(
     except preprocess.PreprocessError as exc:
         return FileOutcome(filename, REJECTED, str(exc), exc.category)
     try:
+        # For the answer (STOW-RS, C-STORE) only when they are UIDs: a refusal never echoes
+        # free text, markup or a NUL back.
         sop_class_uid = str(ds.get("SOPClassUID", "") or "")
         sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+        sop_class_uid = "" if ingest_rules.uid_problem(sop_class_uid) else sop_class_uid
+        sop_uid = "" if ingest_rules.uid_problem(sop_uid) else sop_uid
     except Exception as exc:  # noqa: BLE001 - pydicom parses values lazily; corrupt ones raise
         return FileOutcome(
-            filename, REJECTED, f"{filename}: unreadable header ({type(exc).__name__})", "malformed"
+            filename, REJECTED, f"unreadable header ({type(exc).__name__})", "malformed"
         )
 
     def refuse(reason: str, category: str) -> FileOutcome:
@@ -147,17 +172,12 @@ def _check(
 
     try:
         preprocess.check_image(ds, max_pixels=max_pixels)
+        study_uid, series_uid, sop_uid, sop_class_uid = ingest_rules.check_uids(ds)
+        syntax = ingest_rules.transfer_syntax(ds)
+        modality = ingest_rules.modality(ds)
+        ingest_rules.check_photometric(ds)
         _check_complete(ds, content)
-        study_uid = str(ds.StudyInstanceUID)
-        series_uid = str(ds.SeriesInstanceUID)
-        sop_uid = str(ds.SOPInstanceUID)
-        modality = str(ds.get("Modality", ""))
-        stored_text = (study_uid, series_uid, sop_uid, sop_class_uid, modality)
-        if any("\0" in text for text in stored_text):
-            return refuse(
-                f"{filename}: a UID or (0008,0060) Modality holds a NUL byte; fix the sender",
-                "malformed",
-            )
+        id_key, demo_key = ingest_rules.patient_keys(ds, tenant_id)
         checked = _Checked(
             filename=filename,
             data=data,
@@ -165,37 +185,86 @@ def _check(
             series_uid=series_uid,
             sop_uid=sop_uid,
             sop_class_uid=sop_class_uid,
-            transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", ""))
-            if hasattr(ds, "file_meta")
-            else "",
+            transfer_syntax_uid=syntax,
             modality=modality,
             rows=int(ds.get("Rows", 0) or 0),
             columns=int(ds.get("Columns", 0) or 0),
             frames=int(ds.get("NumberOfFrames", 1) or 1),
             priority=_study_priority(ds, priority),
+            patient_id_key=id_key,
+            patient_demo_key=demo_key,
+            content_key=ingest_rules.content_key(ds, sop_class_uid, content),
         )
     except preprocess.PreprocessError as exc:
         return refuse(str(exc), exc.category)
-    except AttributeError as exc:
-        missing = str(exc).split("'")[-2] if "'" in str(exc) else "a required UID"
-        return refuse(
-            f"{filename}: missing {missing}; every instance needs "
-            "StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID",
-            "missing_uid",
-        )
+    except ingest_rules.RuleError as exc:
+        return refuse(str(exc), exc.category)
     except Exception as exc:  # noqa: BLE001 - pydicom converts values lazily; corrupt ones raise
-        return refuse(f"{filename}: unreadable header ({type(exc).__name__}: {exc})", "malformed")
+        # The type only: the message of a failed conversion quotes the value.
+        return refuse(f"unreadable header ({type(exc).__name__})", "malformed")
     if expect_study_uid is not None and study_uid != expect_study_uid:
         return refuse(
-            f"{filename}: StudyInstanceUID {study_uid} does not match the study in the "
+            f"StudyInstanceUID {study_uid} does not match the study in the "
             f"request URL ({expect_study_uid})",
             "study_mismatch",
         )
     return checked
 
 
+def _same_content(f: _Checked, stored: tuple[str, str | None, str | None]) -> bool:
+    """Whether a SOP instance already stored holds what ``f`` holds. Rows stored before
+    content digests existed, and the same instance in another transfer syntax whose pixel
+    data is encoded differently (compressed), are compared by SOP class alone: decoding both
+    to compare is the worker's work, and the original is kept either way."""
+    sop_class, syntax, content = stored
+    if sop_class != f.sop_class_uid:
+        return False
+    comparable = {syntax or "", f.transfer_syntax_uid}
+    if content is None or not (len(comparable) == 1 or comparable <= _LITTLE_ENDIAN_NATIVE):
+        return True
+    return content == f.content_key
+
+
+def _patient_conflict(conn: Any, study_id: UUID, f: _Checked) -> bool:
+    """Whether ``f`` names another patient than the study's instances so far: another
+    (0010,0020) PatientID, or another (0010,0010) PatientName + (0010,0030) PatientBirthDate.
+    The study's row stays locked until the transaction ends (a concurrent upload of another
+    patient's instance waits, then sees these)."""
+    id_key, demo_key = db.claim_patient(
+        conn, study_id, id_key=f.patient_id_key, demo_key=f.patient_demo_key
+    )
+    return bool(
+        (id_key and f.patient_id_key and id_key != f.patient_id_key)
+        or (demo_key and f.patient_demo_key and demo_key != f.patient_demo_key)
+    )
+
+
+def _conflict(
+    conn: Any, principal: Principal, source: str, study_id: UUID, f: _Checked, kind: str
+) -> FileOutcome:
+    """A refusal for an ingest conflict, counted and written to the audit log for operators
+    (``GET /v1/audit?action=ingest.conflict``). Neither names a patient value."""
+    reason = _CONFLICT_REASONS[kind]
+    record_audit(
+        conn,
+        tenant_id=principal.tenant_id,
+        principal_id=principal.key_id if principal.kind == "key" else None,
+        principal=principal.name,
+        action="ingest.conflict",
+        resource_type="study",
+        resource_id=str(study_id),
+        outcome="rejected",
+        detail={"kind": kind, "ingest_path": source, "sop_instance_uid": f.sop_uid},
+    )
+    return FileOutcome(f.filename, REJECTED, reason, kind, None, None, f.sop_class_uid, f.sop_uid)
+
+
 def _record(
-    pool: ConnectionPool, store: ObjectStore, principal: Principal, files: list[_Checked]
+    pool: ConnectionPool,
+    store: ObjectStore,
+    principal: Principal,
+    files: list[_Checked],
+    source: str,
 ) -> list[FileOutcome]:
     """Store the originals and record their rows, all in one transaction: it commits every
     file or none, and on failure every object it wrote is deleted again. One transaction per
@@ -220,8 +289,15 @@ def _record(
                 duplicate = FileOutcome(
                     f.filename, DUPLICATE, None, None, study_id, None, f.sop_class_uid, f.sop_uid
                 )
-                if db.instance_exists(conn, study_id=study_id, sop_uid=f.sop_uid):
-                    outcomes.append(duplicate)
+                if _patient_conflict(conn, study_id, f):
+                    outcomes.append(_conflict(conn, principal, source, study_id, f, PATIENT))
+                    continue
+                stored = db.stored_content(conn, study_id=study_id, sop_uid=f.sop_uid)
+                if stored is not None:
+                    same = _same_content(f, stored)
+                    outcomes.append(
+                        duplicate if same else _conflict(conn, principal, source, study_id, f, SOP)
+                    )
                     continue
                 instance_id = uuid.uuid4()
                 key = original_key(str(principal.tenant_id), str(study_id), str(instance_id))
@@ -246,11 +322,16 @@ def _record(
                     object_key=key,
                     size_bytes=size,
                     sha256=digest,
+                    content_sha256=f.content_key,
                 )
                 if not inserted:  # lost a race with the same instance arriving concurrently
                     store.delete(key)
                     written.remove(key)
-                    outcomes.append(duplicate)
+                    stored = db.stored_content(conn, study_id=study_id, sop_uid=f.sop_uid)
+                    same = stored is None or _same_content(f, stored)
+                    outcomes.append(
+                        duplicate if same else _conflict(conn, principal, source, study_id, f, SOP)
+                    )
                     continue
                 outcomes.append(
                     FileOutcome(
@@ -273,6 +354,9 @@ def _record(
                 for key in written:
                     store.delete(key)
             raise
+    for outcome in outcomes:
+        if outcome.category in _CONFLICT_REASONS:
+            metrics.observe_ingest_conflict(source, outcome.category)
     return outcomes
 
 
@@ -286,14 +370,21 @@ def ingest_file(
     max_pixels: int,
     priority: str | None,
     expect_study_uid: str | None = None,
+    source: str = "rest",
 ) -> FileOutcome:
-    """One file (bytes, or a spooled file on disk: large ones are streamed to the store)."""
+    """One file (bytes, or a spooled file on disk: large ones are streamed to the store).
+    ``source`` is the ingest path (metrics.INGEST_PATHS)."""
     checked = _check(
-        filename, data, max_pixels=max_pixels, priority=priority, expect_study_uid=expect_study_uid
+        filename,
+        data,
+        max_pixels=max_pixels,
+        priority=priority,
+        expect_study_uid=expect_study_uid,
+        tenant_id=str(principal.tenant_id),
     )
     if isinstance(checked, FileOutcome):
         return checked
-    return _record(pool, store, principal, [checked])[0]
+    return _record(pool, store, principal, [checked], source)[0]
 
 
 def _check_complete(ds: Any, data: bytes | Path) -> None:
@@ -313,16 +404,25 @@ def _check_complete(ds: Any, data: bytes | Path) -> None:
         return  # check_image and the decoder report missing or odd image tags
     expected = (count * bits + 7) // 8
     element = ds.get_item("PixelData", keep_deferred=True)
+    declared = getattr(element, "length", None)
     if isinstance(data, Path) and getattr(element, "value", b"") is None:
         # Deferred (left on disk): its declared length, and what the file really holds.
         present = min(element.length, data.stat().st_size - element.value_tell)
     else:
         present = len(ds.PixelData or b"")
-    if present < expected:
+    if present >= expected:
+        return
+    if isinstance(declared, int) and declared != 0xFFFFFFFF and present < declared:
         raise preprocess.TruncatedError(
-            f"pixel data holds {present} bytes but the image tags declare {expected}: "
-            "the file is truncated; send it again"
+            f"the file ends inside its pixel data ({present} of {declared} bytes): it is "
+            "truncated; send it again"
         )
+    # Whole as declared, yet short of what the image tags need: no resend would help.
+    raise preprocess.MalformedImageError(
+        f"pixel data of {present} bytes is shorter than the {expected} bytes (0028,0010) Rows x "
+        "(0028,0011) Columns x frames x samples x (0028,0100) BitsAllocated declare for "
+        f"uncompressed {syntax.name}: fix the image tags or the (0002,0010) TransferSyntaxUID"
+    )
 
 
 def _read_header(path: Path) -> Any:
@@ -378,13 +478,15 @@ def ingest(
             max_pixels=max_pixels,
             priority=priority,
             expect_study_uid=expect_study_uid,
+            tenant_id=str(principal.tenant_id),
         )
         if isinstance(checked, FileOutcome):
             slots.append(checked)
         else:
             slots.append(None)
             accepted.append(checked)
-    recorded = iter(_record(pool, store, principal, accepted) if accepted else [])
+    source = arrival[0] if arrival is not None else "rest"
+    recorded = iter(_record(pool, store, principal, accepted, source) if accepted else [])
     for slot in slots:
         outcome = slot if slot is not None else next(recorded)
         result.files.append(outcome)

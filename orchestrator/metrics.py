@@ -53,6 +53,8 @@ STUDY_OUTCOMES = ("done", "needs_review", "failed", "not_applicable")
 IMAGE_OUTCOMES = ("done", "failed", "not_applicable")
 UPLOAD_OUTCOMES = ("accepted", "duplicate", "rejected")
 INGEST_PATHS = ("rest", "stow", "dimse", "import")
+# Refused instances that contradict what is stored (orchestrator/ingest.py).
+INGEST_CONFLICT_KINDS = ("patient_mismatch", "instance_conflict")
 INFERENCE_ERRORS = ("unavailable", "timeout", "invalid_output", "error")
 WEBHOOK_OUTCOMES = ("delivered", "retry", "dead")
 REVIEW_FIGURES = ("accuracy", "sensitivity", "specificity")
@@ -60,6 +62,7 @@ LABEL_VALUES: dict[str, tuple[str, ...]] = {
     "stage": STAGES,
     "arm": ARMS,
     "ingest_path": INGEST_PATHS,
+    "conflict": INGEST_CONFLICT_KINDS,
     "error": INFERENCE_ERRORS,
     "role": ("uploader", "reviewer", "ml-engineer", "sre", "admin"),
     "delivery_outcome": WEBHOOK_OUTCOMES,
@@ -93,6 +96,13 @@ UPLOAD_BYTES = Counter(
     "medtriage_upload_bytes_total",
     "Uploaded bytes by ingest path and per-file outcome.",
     ["ingest_path", "outcome"],
+)
+INGEST_CONFLICTS = Counter(
+    "medtriage_ingest_conflicts_total",
+    "Instances refused for contradicting what is stored: another patient's instance in a"
+    " study (patient_mismatch), a stored SOPInstanceUID with other content"
+    " (instance_conflict).",
+    ["ingest_path", "conflict"],
 )
 
 # --- Pipeline (workers) ----------------------------------------------------------------
@@ -164,6 +174,10 @@ WEBHOOK_DELIVERIES = Counter(
     "Webhook delivery attempts by outcome (delivered; failed and to be retried; dead).",
     ["delivery_outcome"],
 )
+
+
+def observe_ingest_conflict(ingest_path: str, conflict: str) -> None:
+    INGEST_CONFLICTS.labels(ingest_path, conflict).inc()
 
 
 def observe_upload(ingest_path: str, outcome: str, size_bytes: int) -> None:

@@ -9,6 +9,9 @@ queued or processing, untouched for ``reconcile_stale_after_s``, is checked agai
   retries; finished without the study finishing) → requeued, or dead-lettered once the job
   has had ``max_attempts`` attempts.
 
+A study still gathering instances (``received`` with a ``study_arrivals`` row younger than
+``ingest_stable_age_s`` + the stale time) waits for the arrivals sweeper and is not stale.
+
 RQ alone is not enough: a SIGKILLed SimpleWorker's job stays 'started' until its registry
 entry expires (job timeout + a minute), and a lost Redis loses every job.
 
@@ -107,8 +110,18 @@ def reconcile_once(pool: ConnectionPool, redis: Redis, settings: CommonSettings)
             " LEFT JOIN jobs j ON j.study_id = s.id AND j.stage = %s"
             " WHERE s.status IN ('received', 'queued', 'processing')"
             " AND s.updated_at < now() - make_interval(secs => %s)"
+            # A received study still gathering instances is the arrivals sweeper's, not
+            # stale: taking it would process it half-complete, then again when complete.
+            # Only once it has outlived its stable age by the stale time (no sweeper ran).
+            " AND NOT (s.status = 'received' AND EXISTS (SELECT 1 FROM study_arrivals a"
+            "  WHERE a.study_id = s.id AND a.last_at >= now() - make_interval(secs => %s)))"
             " ORDER BY s.updated_at LIMIT %s",
-            (jobqueue.STAGE_PROCESS, settings.reconcile_stale_after_s, BATCH_SIZE),
+            (
+                jobqueue.STAGE_PROCESS,
+                settings.reconcile_stale_after_s,
+                settings.ingest_stable_age_s + settings.reconcile_stale_after_s,
+                BATCH_SIZE,
+            ),
         ).fetchall()
     for raw_id, attempts, last_error in rows:
         study_id = UUID(str(raw_id))

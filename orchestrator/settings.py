@@ -55,6 +55,10 @@ class CommonSettings(BaseSettings):
     db_check_after_s: float = 1.0
     # RQ: a study job taking longer than this is killed and marked failed.
     job_timeout_s: int = 600
+    # Studies arriving instance by instance (STOW-RS, C-STORE) are queued once none has
+    # arrived for this long, unless the sender says the study is complete. Common: the
+    # reconciler (workers) leaves a study alone while it waits for this.
+    ingest_stable_age_s: float = 60.0
     # Reliability (orchestrator/reconcile.py): an open study untouched this long is checked
     # against RQ every reconcile_interval_s, and requeued if nobody will run it...
     reconcile_interval_s: float = 15.0
@@ -127,9 +131,6 @@ class ApiSettings(CommonSettings):
     dimse_calling_aets: str = ""
     # Whether a C-STORE association's release says its studies are complete (queued at once).
     dimse_release_completes: bool = True
-    # Studies arriving instance by instance (STOW-RS, C-STORE) are queued once none has
-    # arrived for this long, unless the sender says the study is complete.
-    ingest_stable_age_s: float = 60.0
 
 
 class WorkerSettings(CommonSettings):

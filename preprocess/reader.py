@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import io
+import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_partial, read_preamble
 from pydicom.tag import BaseTag
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from preprocess.errors import (
     ImageTooLargeError,
@@ -21,6 +28,7 @@ from preprocess.errors import (
     NotAnImageError,
     NotDicomError,
     PreprocessError,
+    UnsupportedTransferSyntaxError,
 )
 
 # Decompression-bomb guard: declared Rows × Columns × Frames × SamplesPerPixel above this is
@@ -60,18 +68,23 @@ def read_dicom(data: bytes | BinaryIO, *, stop_before_pixels: bool = False) -> D
     raw = data if isinstance(data, bytes) else data.read()
     if not raw:
         raise NotDicomError("empty file: expected DICOM Part 10 bytes")
+    raw = _without_stale_meta(raw)
     _check_inflated_size(io.BytesIO(raw))
     try:
         return _parse(io.BytesIO(raw), stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
         pass
+    except PreprocessError:
+        raise
     except _TooManyElements as exc:
         raise MalformedImageError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt headers
         raise NotDicomError(f"not readable as DICOM ({type(exc).__name__}: {exc})") from exc
     # No 'DICM' preamble: accept only if a forced parse finds a plausible dataset.
     try:
-        ds = _parse(io.BytesIO(raw), force=True, stop_before_pixels=stop_before_pixels)
+        ds = _parse(
+            io.BytesIO(raw), force=True, stop_before_pixels=stop_before_pixels, settle=False
+        )
         elements = list(ds.keys())
     except _TooManyElements as exc:
         raise MalformedImageError(str(exc)) from exc
@@ -82,6 +95,7 @@ def read_dicom(data: bytes | BinaryIO, *, stop_before_pixels: bool = False) -> D
     groups = {tag.group for tag in elements}
     if len(elements) < _MIN_FORCED_ELEMENTS or not groups & {0x0008, 0x0010, 0x0020, 0x0028}:
         raise NotDicomError("not DICOM: no 'DICM' preamble and no recognisable DICOM elements")
+    _settle_transfer_syntax(ds)
     return ds
 
 
@@ -106,6 +120,38 @@ def read_header(
         raise MalformedImageError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt headers
         raise NotDicomError(f"not readable as DICOM Part 10 ({type(exc).__name__}: {exc})") from exc
+
+
+# Explicit VR little endian (the File Meta's encoding): VRs with a 4-byte length.
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_META_START = 132  # 128-byte preamble + 'DICM'
+
+
+def _without_stale_meta(raw: bytes) -> bytes:
+    """``raw`` without group-0002 elements that follow the File Meta its (0002,0000)
+    FileMetaInformationGroupLength bounds. Such a stale block (left by a tool that rewrote
+    the file) is not File Meta (PS3.10 7.1), but a parser reading group 0002 until the group
+    changes takes its TransferSyntaxUID over the real one and misreads the data set."""
+    if (
+        raw[128:_META_START] != b"DICM"
+        or raw[_META_START : _META_START + 6] != b"\x02\x00\x00\x00UL"
+    ):
+        return raw
+    end = _META_START + 12 + struct.unpack_from("<I", raw, _META_START + 8)[0]
+    at = end
+    while raw[at : at + 2] == b"\x02\x00" and len(raw) >= at + 8:
+        vr = raw[at + 4 : at + 6]
+        if not vr.isalpha() or not vr.isupper():
+            return raw  # not explicit VR: leave it to the parser
+        if vr in _LONG_VRS:
+            if len(raw) < at + 12:
+                return raw
+            at += 12 + struct.unpack_from("<I", raw, at + 8)[0]
+        else:
+            at += 8 + struct.unpack_from("<H", raw, at + 6)[0]
+    return raw if at == end or at > len(raw) else raw[:end] + raw[at:]
 
 
 class _TooManyElements(Exception):
@@ -135,13 +181,54 @@ def _parse(
     force: bool = False,
     stop_before_pixels: bool = False,
     defer_size: int | None = None,
+    settle: bool = True,
 ) -> Dataset:
-    """pydicom's ``dcmread`` with the element budget as its ``stop_when``."""
+    """pydicom's ``dcmread`` with the element budget as its ``stop_when``; the transfer
+    syntax settled as decoding will need it (``_settle_transfer_syntax``) unless not
+    ``settle``."""
     budget = _element_budget(stop_before_pixels)
     if isinstance(source, Path):
         with source.open("rb") as fh:
-            return read_partial(fh, budget, defer_size=defer_size, force=force)
-    return read_partial(source, budget, defer_size=defer_size, force=force)
+            ds = read_partial(fh, budget, defer_size=defer_size, force=force)
+    else:
+        ds = read_partial(source, budget, defer_size=defer_size, force=force)
+    if settle:
+        _settle_transfer_syntax(ds)
+    return ds
+
+
+# The native transfer syntax of each encoding pydicom deduces from the data set itself,
+# keyed by (implicit VR, little endian).
+_NATIVE_SYNTAX = {
+    (True, True): ImplicitVRLittleEndian,
+    (False, True): ExplicitVRLittleEndian,
+    (False, False): ExplicitVRBigEndian,
+}
+
+
+def _settle_transfer_syntax(ds: Dataset) -> None:
+    """A data set without a (0002,0010) TransferSyntaxUID (no File Meta, or one without it)
+    gets the native syntax its encoding was deduced as, as DCMTK does: decoding needs it,
+    and ingest then stores what the worker will decode. Encapsulated pixel data (undefined
+    length) names no codec, so it is refused here rather than failing in a worker."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return
+    encoding = getattr(ds, "original_encoding", (None, None))
+    syntax = _NATIVE_SYNTAX.get((bool(encoding[0]), bool(encoding[1])))
+    element = ds.get_item("PixelData", keep_deferred=True) if "PixelData" in ds else None
+    undefined = getattr(element, "is_undefined_length", False)
+    if element is not None and (undefined or getattr(element, "length", 0) == 0xFFFFFFFF):
+        raise UnsupportedTransferSyntaxError(
+            "the file has no (0002,0010) TransferSyntaxUID and its pixel data is compressed "
+            "(encapsulated): the codec cannot be known; send it as a DICOM Part 10 file "
+            "with its File Meta"
+        )
+    if syntax is None or encoding[0] is None:
+        return
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    meta.TransferSyntaxUID = syntax
 
 
 def _check_inflated_size(fh: BinaryIO) -> None:

@@ -3,8 +3,9 @@
 The body is ``multipart/related; type="application/dicom"``, one DICOM Part 10 instance per
 part. The answer is the Store Instances Response (PS3.18 §10.5.3) as ``application/dicom+json``
 (or ``application/dicom+xml`` when the Accept header asks for it): 200 when every instance
-was stored (or already was), 202 when some failed, 409 when none could be stored. Each
-failure's reason in words is also sent as a ``Warning: 299`` header.
+was stored, 202 when some failed or were already stored (duplicates: referenced with the
+WarningReason 0x0111 Duplicate SOP Instance), 409 when none could be stored. Each failure's
+reason in words is also sent as a ``Warning: 299`` header, and one for the duplicates.
 
 Instances of one study may come in several requests: the study is processed once none has
 arrived for ``ingest_stable_age_s``, or at once when a request says ``?complete=true``.
@@ -13,7 +14,6 @@ arrived for ``ingest_stable_age_s``, or at once when a request says ``?complete=
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
@@ -22,18 +22,15 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from orchestrator import backpressure, dicomweb, ingest, metrics
+from orchestrator import backpressure, dicomweb, ingest, ingest_rules, metrics
 from orchestrator.api import uploads
 from orchestrator.api.deps import ServicesDep, Uploader, audit_upload
 from orchestrator.db.keys import Principal
 from orchestrator.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from orchestrator.ingest import ACCEPTED, REJECTED, FileOutcome
+from orchestrator.ingest import ACCEPTED, DUPLICATE, REJECTED, FileOutcome
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
 
-# A UID: digits and dots, at most 64 characters (PS3.5 §9.1).
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_UID_MAX = 64
 # At most this many Warning headers (one per failed instance) on a response.
 _MAX_WARNINGS = 20
 
@@ -47,8 +44,9 @@ async def store_instances(request: Request, services: ServicesDep, principal: Up
 async def store_study_instances(
     request: Request, services: ServicesDep, principal: Uploader, study_instance_uid: str
 ) -> Response:
-    if len(study_instance_uid) > _UID_MAX or not _UID.match(study_instance_uid):
-        raise BadRequest(f"{study_instance_uid[:80]!r} is not a StudyInstanceUID")
+    if problem := ingest_rules.uid_problem(study_instance_uid):
+        # Not echoed: the path may hold markup or free text.
+        raise BadRequest(f"the StudyInstanceUID in the path {problem}: not a valid UID")
     return await _store(request, services, principal, study_instance_uid)
 
 
@@ -112,7 +110,7 @@ def _split_files(
         name = headers.get("content-location") or f"part-{index + 1}"
         ctype = headers.get("content-type", uploads.DICOM_TYPE).split(";")[0].strip().lower()
         if ctype != uploads.DICOM_TYPE:
-            reason = f"{name}: part Content-Type {ctype!r} is not application/dicom"
+            reason = f"part Content-Type {ctype!r} is not application/dicom"
             refused.append((index, FileOutcome(name, REJECTED, reason, "media_type")))
         elif end - start <= ingest.STREAM_ABOVE_BYTES:
             fh.seek(start)
@@ -169,11 +167,18 @@ def _answer(
             "failed": len(failed),
         },
     )
-    status = 200 if not failed else (202 if stored else 409)
+    duplicates = [o for o in outcomes if o.outcome == DUPLICATE]
+    # PS3.18 10.5.3: 202 when some instances failed or carry warnings (already stored).
+    status = 200 if not (failed or duplicates) else (202 if stored else 409)
     response = dicomweb.store_response(outcomes)
     warnings = [
         f'299 medtriage "{_header_text(o.reason or "refused")}"' for o in failed[:_MAX_WARNINGS]
     ]
+    if duplicates:
+        warnings.append(
+            f'299 medtriage "{len(duplicates)} instance(s) already stored with the same '
+            'content (duplicate): kept once"'
+        )
     if _wants_xml(request):
         content, media = dicomweb.to_xml(response), dicomweb.DICOM_XML
     else:

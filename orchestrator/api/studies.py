@@ -156,9 +156,15 @@ def _create(
             conn=conn,
         )
     if not studies:
-        raise InvalidUpload(
-            "no file was accepted: "
-            + "; ".join(f"{f['filename']}: {f.get('reason')}" for f in body_files)
+        # The error shape with the per-file outcomes the other answers carry.
+        return JSONResponse(
+            status_code=InvalidUpload.http_status,
+            content={
+                "error": InvalidUpload.__name__,
+                "detail": "no file was accepted: "
+                + "; ".join(f"{f['filename']}: {f.get('reason')}" for f in body_files),
+                "files": body_files,
+            },
         )
     first = studies[0]
     content = StudyCreated(

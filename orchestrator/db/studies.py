@@ -73,24 +73,57 @@ def instance_exists(conn: Connection, *, study_id: UUID, sop_uid: str) -> UUID |
 
 def stored_instance(
     conn: Connection, *, tenant_id: UUID, study_uid: str, sop_uid: str
-) -> UUID | None:
-    """The study holding this SOP instance if the tenant has it (a resumed import skips it)."""
+) -> tuple[UUID, str] | None:
+    """The study holding this SOP instance if the tenant has it, and the SHA-256 of the file
+    stored (a resumed import skips the same file)."""
     row = conn.execute(
-        "SELECT s.id FROM instances i JOIN studies s ON s.id = i.study_id"
+        "SELECT s.id, i.sha256 FROM instances i JOIN studies s ON s.id = i.study_id"
         " WHERE s.tenant_id = %s AND s.study_uid = %s AND i.sop_uid = %s",
         (tenant_id, study_uid, sop_uid),
     ).fetchone()
-    return UUID(str(row[0])) if row else None
+    return (UUID(str(row[0])), str(row[1])) if row else None
+
+
+def stored_content(
+    conn: Connection, *, study_id: UUID, sop_uid: str
+) -> tuple[str, str | None, str | None] | None:
+    """(SOP class, transfer syntax, content digest) of a stored SOP instance; None if none."""
+    row = conn.execute(
+        "SELECT sop_class_uid, transfer_syntax_uid, content_sha256 FROM instances"
+        " WHERE study_id = %s AND sop_uid = %s",
+        (study_id, sop_uid),
+    ).fetchone()
+    return (str(row[0]), row[1], row[2]) if row else None
+
+
+def claim_patient(
+    conn: Connection, study_id: UUID, *, id_key: str | None, demo_key: str | None
+) -> tuple[str | None, str | None]:
+    """The study's patient digests as they were (its row locked for this transaction), and
+    the ones it lacked filled in from this instance's."""
+    row = conn.execute(
+        "SELECT patient_id_key, patient_demo_key FROM studies WHERE id = %s FOR UPDATE",
+        (study_id,),
+    ).fetchone()
+    assert row is not None
+    if (row[0] is None and id_key) or (row[1] is None and demo_key):
+        conn.execute(
+            "UPDATE studies SET patient_id_key = coalesce(patient_id_key, %s),"
+            " patient_demo_key = coalesce(patient_demo_key, %s) WHERE id = %s",
+            (id_key, demo_key, study_id),
+        )
+    return row[0], row[1]
 
 
 def insert_instance(conn: Connection, **fields: Any) -> bool:
     """Insert an instance row; False when the SOP instance is already stored (duplicate)."""
     cur = conn.execute(
         "INSERT INTO instances (id, study_id, series_id, sop_uid, sop_class_uid,"
-        " transfer_syntax_uid, rows, columns, frames, object_key, size_bytes, sha256)"
+        " transfer_syntax_uid, rows, columns, frames, object_key, size_bytes, sha256,"
+        " content_sha256)"
         " VALUES (%(id)s, %(study_id)s, %(series_id)s, %(sop_uid)s, %(sop_class_uid)s,"
         " %(transfer_syntax_uid)s, %(rows)s, %(columns)s, %(frames)s, %(object_key)s,"
-        " %(size_bytes)s, %(sha256)s)"
+        " %(size_bytes)s, %(sha256)s, %(content_sha256)s)"
         " ON CONFLICT (study_id, sop_uid) DO NOTHING",
         fields,
     )

@@ -130,11 +130,17 @@ def plant_phi(data: bytes, values: dict[str, str]) -> bytes:
 
 @pytest.fixture(scope="session")
 def phi_radiograph() -> Callable[..., tuple[bytes, dict[str, str]]]:
-    """``phi_radiograph(image, study_uid, series_uid)``: a radiograph with a unique value
-    planted in each of the 20 PHI_TAGS; returns (bytes, {keyword: value})."""
+    """``phi_radiograph(image, study_uid, series_uid, patient=None)``: a radiograph with a
+    unique value planted in each of the 20 PHI_TAGS, except the ``patient`` values given
+    (PatientID, PatientName, PatientBirthDate of an earlier instance of the study); returns
+    (bytes, {keyword: value})."""
 
-    def _make(image: Any, study_uid: str, series_uid: str) -> tuple[bytes, dict[str, str]]:
+    def _make(
+        image: Any, study_uid: str, series_uid: str, patient: dict[str, str] | None = None
+    ) -> tuple[bytes, dict[str, str]]:
         values = phi_values(study_uid, series_uid, generate_uid())
+        # Instances of one study belong to one patient (ingest refuses another's).
+        values.update(patient or {})
         base = radiograph(image, study_uid=study_uid, series_uid=series_uid)
         return plant_phi(base, values), values
 

@@ -6,6 +6,7 @@ queue no worker reads; the job's state is set by hand."""
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +19,12 @@ from redis import Redis
 from rq import Queue
 from rq.job import Job, JobStatus
 
-from orchestrator import arrivals, ingest
+from orchestrator import arrivals, ingest, reconcile
 from orchestrator import queue as jobqueue
 from orchestrator.db import connect_pool, upgrade
 from orchestrator.db.keys import Principal, ensure_tenant
 from orchestrator.samples import load_samples, radiograph
+from orchestrator.settings import WorkerSettings
 from orchestrator.storage import LocalStore
 
 pytestmark = pytest.mark.integration
@@ -140,3 +142,62 @@ def test_arrivals_wait_then_queue_and_a_running_job_is_followed_by_another(
     again = Job.fetch(jobqueue.job_id(study_id), connection=env["redis"])
     assert again.get_status() == JobStatus.QUEUED
     assert again.enqueued_at is not None and again.enqueued_at > first_enqueue
+
+
+def _settings(env: dict[str, Any], *, stable_age_s: float, stale_s: float) -> WorkerSettings:
+    return WorkerSettings(
+        database_url=env["database_url"],
+        queue_prefix=env["queue"].removesuffix(":studies"),
+        ingest_stable_age_s=stable_age_s,
+        reconcile_stale_after_s=stale_s,
+        reconcile_interval_s=stale_s,
+        job_timeout_s=JOB_TIMEOUT_S,
+    )
+
+
+@pytest.mark.parametrize("source", ["stow", "dimse"])
+def test_a_study_waiting_for_its_stable_age_is_not_stale_and_is_queued_once(
+    env: dict[str, Any], source: str
+) -> None:
+    """Issue 15 item 1: with a stable age longer than the reconciler's stale time, the
+    reconciler used to requeue the study ('job lost') before it was complete, and the sweeper
+    queued it again at the stable age: two runs, the first on part of the study. Shortened:
+    stable age 2 s, stale time and reconcile interval 0.25 s; two instances 1 s apart. 'dimse'
+    is C-STORE with DIMSE_RELEASE_COMPLETES=false or an aborted association (never complete)."""
+    settings = _settings(env, stable_age_s=2.0, stale_s=0.25)
+    images, _ = load_samples()
+    study_uid, series = generate_uid(), generate_uid()
+    first, second = (
+        radiograph(images[i], study_uid=study_uid, series_uid=series, size=64) for i in range(2)
+    )
+    started = time.monotonic()
+    study_id = _send(env, first, (source, False))
+    queued_at: list[float] = []
+    sent_second = False
+    while time.monotonic() - started < 5.0:
+        if not sent_second and time.monotonic() - started > 1.0:
+            assert _send(env, second, (source, False)) == study_id
+            sent_second = True
+        done = reconcile.reconcile_once(env["pool"], env["redis"], settings)
+        assert done.requeued == [] and done.dead_lettered == [], done.public()
+        queued_at += [
+            time.monotonic() - started
+            for _ in _sweep(env, stable_age_s=settings.ingest_stable_age_s)
+        ]
+        time.sleep(settings.reconcile_interval_s)
+    # Once, after the second instance had been quiet for the stable age, never before.
+    assert len(queued_at) == 1 and queued_at[0] >= 3.0, queued_at
+    assert _row(env, study_id) == ("queued", None)
+
+
+def test_a_waiting_study_nobody_sweeps_is_requeued_after_its_stable_age(
+    env: dict[str, Any],
+) -> None:
+    """The reconciler still catches a study whose sweeper is gone (its process died)."""
+    settings = _settings(env, stable_age_s=0.5, stale_s=0.25)
+    images, _ = load_samples()
+    study_id = _send(env, radiograph(images[0], study_uid=generate_uid(), size=64), ("stow", False))
+    time.sleep(0.3)
+    assert reconcile.reconcile_once(env["pool"], env["redis"], settings).requeued == []
+    time.sleep(0.6)  # past stable age + stale time, and no sweeper ran
+    assert reconcile.reconcile_once(env["pool"], env["redis"], settings).requeued == [study_id]

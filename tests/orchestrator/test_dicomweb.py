@@ -115,9 +115,11 @@ def test_dicomweb_client_stores_a_study_and_it_is_processed(
     assert "FailedSOPSequence" not in answer
     assert _count(database_url, study_uid) == 3
     assert _study_status(stack, key, database_url, study_uid) in {"done", "needs_review"}
-    # Sent again: 200, referenced again, still stored once.
+    # Sent again: referenced again with the WarningReason "Duplicate SOP Instance" (the
+    # client takes the 202 as success), still stored once.
     again = _client(stack, key).store_instances(datasets[:1], study_instance_uid=study_uid)
     assert again.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == datasets[0].SOPInstanceUID
+    assert again.ReferencedSOPSequence[0].WarningReason == 0x0111
     assert _count(database_url, study_uid) == 3
 
 
@@ -338,8 +340,9 @@ def test_complete_queues_at_once(settings_env: dict[str, str], key: str, databas
         assert _stow(client, key, ds) == 200
         time.sleep(1.5)  # a few sweeps: nothing is due
         assert _state(database_url, study_uid) == ("received", 1)
-        # "complete" on a retry of an instance already stored still completes the study.
-        assert _stow(client, key, ds, "?complete=true") == 200
+        # "complete" on a retry of an instance already stored still completes the study
+        # (202: stored before, a duplicate).
+        assert _stow(client, key, ds, "?complete=true") == 202
         deadline = time.monotonic() + 10
         while _state(database_url, study_uid)[0] == "received" and time.monotonic() < deadline:
             time.sleep(0.1)

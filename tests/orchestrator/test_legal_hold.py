@@ -25,7 +25,7 @@ from orchestrator.retention import KINDS, set_policy
 
 pytestmark = pytest.mark.integration
 
-TERMINAL = {"done", "failed", "needs_review"}
+TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 WAIT_S = 120.0
 TENANT = "tenant-hold"
 REASON = "matter 2026-117: kept for the court"

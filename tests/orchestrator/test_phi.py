@@ -98,11 +98,15 @@ def test_planted_phi_is_found_nowhere(
     key = make_key("uploader", tenant=TENANT)
     c = httpx.Client(base_url=stack.api_url, timeout=60, headers={"Authorization": f"Bearer {key}"})
     study_uid, series_uid = generate_uid(), generate_uid()
-    good = [phi_radiograph(images[i], study_uid, series_uid) for i in range(2)]
-    bad_data, bad_values = phi_radiograph(images[2], study_uid, series_uid)
+    first = phi_radiograph(images[0], study_uid, series_uid)
+    # One patient per study; every other planted value differs per instance.
+    patient = {k: first[1][k] for k in ("PatientID", "PatientName", "PatientBirthDate")}
+    good = [first, phi_radiograph(images[1], study_uid, series_uid, patient)]
+    bad_data, bad_values = phi_radiograph(images[2], study_uid, series_uid, patient)
     planted = [v for _, v in good] + [bad_values]
     needles = _needles(planted)
-    assert len(planted[0]) == 20 and len(needles) >= 60
+    # 3 x 20 values, less those one study shares (UIDs of study and series, the patient).
+    assert len(planted[0]) == 20 and len(needles) >= 50
 
     # The study: two good instances and one that fails preprocessing, plus a file that is
     # not DICOM at all (its text names the patient).

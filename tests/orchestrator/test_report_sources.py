@@ -31,7 +31,7 @@ from orchestrator.reports.source_header import normalise
 
 BIRTH = "1975-03-14"
 NAME = "Müller^Jörg"
-TERMINAL = {"done", "failed", "needs_review"}
+TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 WAIT_S = 120.0
 
 

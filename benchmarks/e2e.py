@@ -47,15 +47,17 @@ import pydicom
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
 import preprocess as pp
-from orchestrator.db import connect_pool, upgrade
-from orchestrator.db.keys import Principal, create_key
-from orchestrator.ingest import ingest_file
+from orchestrator.cli.stack import LocalStack
+from orchestrator.inference.local_triton.install import install_runtime
+from orchestrator.inference.local_triton.process import TritonProcess
+from orchestrator.inference.local_triton.render import render_repository
+from orchestrator.inference.specs import load_repository
+from orchestrator.ingest.core import ingest_file
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import REPO_ROOT, CliSettings
-from orchestrator.stack import LocalStack
-from orchestrator.storage import LocalStore
-from orchestrator.triton.config import load_repository
-from orchestrator.triton.local import TritonProcess, install_runtime, render_repository
+from orchestrator.store.db import connect_pool, upgrade
+from orchestrator.store.db.keys import Principal, create_key
+from orchestrator.store.objects import LocalStore
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 # The stacks measured here take one client's uploads as fast as they come: the per-key rate

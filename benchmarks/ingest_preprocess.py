@@ -57,11 +57,11 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore
 
 import preprocess as pp
 from benchmarks.e2e import Report, cpu_seconds, fresh_database, naive_preprocess
-from orchestrator.db.keys import create_key
+from orchestrator.cli.stack import free_port
+from orchestrator.inference.specs import load_repository
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import REPO_ROOT, CliSettings
-from orchestrator.stack import free_port
-from orchestrator.triton.config import load_repository
+from orchestrator.store.db.keys import create_key
 from preprocess.decode import decode_frame
 from preprocess.j2k import decode_reduced
 from preprocess.pipeline import DEFAULT_PREVIEW_MAX_SIZE
@@ -371,7 +371,7 @@ def services(db_url: str, work: Path) -> Iterator[Services]:
         _stop(api)
         from rq import Queue
 
-        from orchestrator.queue import connect
+        from orchestrator.queue.jobs import connect
 
         redis = connect(settings.redis_url)
         # The jobs no worker will run.

@@ -46,9 +46,9 @@ import psycopg
 
 from benchmarks.e2e import fresh_database, rss_mib
 from benchmarks.malformed_inputs import Case, build
-from orchestrator.db.keys import create_key
+from orchestrator.cli.stack import LocalStack, free_port
 from orchestrator.settings import REPO_ROOT, CliSettings
-from orchestrator.stack import LocalStack, free_port
+from orchestrator.store.db.keys import create_key
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 TERMINAL = ("done", "failed", "needs_review")

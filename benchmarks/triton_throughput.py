@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from orchestrator.inference.specs import load_repository
 from orchestrator.settings import REPO_ROOT
-from orchestrator.triton.config import load_repository
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 SEED_IMAGES_PER_DAY = 2000
@@ -115,7 +115,9 @@ def main() -> None:
             args.url, args.device or "gpu", args.seconds, args.repeats, args.batches, args.clients
         )
     else:
-        from orchestrator.triton.local import TritonProcess, install_runtime, render_repository
+        from orchestrator.inference.local_triton.install import install_runtime
+        from orchestrator.inference.local_triton.process import TritonProcess
+        from orchestrator.inference.local_triton.render import render_repository
 
         home = REPO_ROOT / ".medtriage"
         install_runtime(home)

@@ -17,11 +17,11 @@ import psycopg
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from orchestrator.db import upgrade
-from orchestrator.db.keys import create_key
+from orchestrator.cli.stack import LocalStack
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import CliSettings
-from orchestrator.stack import LocalStack
+from orchestrator.store.db import upgrade
+from orchestrator.store.db.keys import create_key
 
 # Per-study wait for a terminal status before the demo gives up on it.
 STUDY_TIMEOUT_S = 180.0

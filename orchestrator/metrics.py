@@ -53,7 +53,7 @@ STUDY_OUTCOMES = ("done", "needs_review", "failed", "not_applicable")
 IMAGE_OUTCOMES = ("done", "failed", "not_applicable")
 UPLOAD_OUTCOMES = ("accepted", "duplicate", "rejected")
 INGEST_PATHS = ("rest", "stow", "dimse", "import")
-# Refused instances that contradict what is stored (orchestrator/ingest.py).
+# Refused instances that contradict what is stored (orchestrator/ingest/core.py).
 INGEST_CONFLICT_KINDS = ("patient_mismatch", "instance_conflict")
 INFERENCE_ERRORS = ("unavailable", "timeout", "invalid_output", "error")
 WEBHOOK_OUTCOMES = ("delivered", "retry", "dead")

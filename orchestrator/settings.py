@@ -59,7 +59,7 @@ class CommonSettings(BaseSettings):
     # arrived for this long, unless the sender says the study is complete. Common: the
     # reconciler (workers) leaves a study alone while it waits for this.
     ingest_stable_age_s: float = 60.0
-    # Reliability (orchestrator/reconcile.py): an open study untouched this long is checked
+    # Reliability (orchestrator/queue/reconcile.py): an open study untouched this long is checked
     # against RQ every reconcile_interval_s, and requeued if nobody will run it...
     reconcile_interval_s: float = 15.0
     reconcile_stale_after_s: float = 30.0

@@ -29,7 +29,7 @@ def database_url() -> Iterator[str]:
     with psycopg.connect(ADMIN_DATABASE_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = ADMIN_DATABASE_URL.rsplit("/", 1)[0] + f"/{name}"
-    from orchestrator.db import upgrade
+    from orchestrator.store.db import upgrade
 
     upgrade(url)
     yield url
@@ -53,8 +53,10 @@ def queue_prefix() -> str:
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """The real tritonserver serving the real model_repository, rendered for the CPU."""
-    from orchestrator.triton.config import load_repository
-    from orchestrator.triton.local import TritonProcess, install_runtime, render_repository
+    from orchestrator.inference.local_triton.install import install_runtime
+    from orchestrator.inference.local_triton.process import TritonProcess
+    from orchestrator.inference.local_triton.render import render_repository
+    from orchestrator.inference.specs import load_repository
 
     install_runtime(HOME)
     work = tmp_path_factory.mktemp("triton")
@@ -101,8 +103,8 @@ def settings_env(
 @pytest.fixture(scope="session")
 def stack(settings_env: dict[str, str], triton: object) -> Iterator[object]:
     """API + one worker as real processes (the CLI entry points), sharing the session Triton."""
+    from orchestrator.cli.stack import LocalStack
     from orchestrator.settings import CliSettings
-    from orchestrator.stack import LocalStack
 
     old = dict(os.environ)
     os.environ.update(settings_env)
@@ -122,7 +124,7 @@ def stack(settings_env: dict[str, str], triton: object) -> Iterator[object]:
 
 @pytest.fixture(scope="session")
 def make_key(database_url: str):  # type: ignore[no-untyped-def]
-    from orchestrator.db.keys import create_key
+    from orchestrator.store.db.keys import create_key
 
     def _make(role: str, tenant: str = "tenant-a") -> str:
         with psycopg.connect(database_url) as conn:

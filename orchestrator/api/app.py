@@ -16,20 +16,27 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator import metrics
-from orchestrator import queue as jobqueue
-from orchestrator.api import admin as admin_api
-from orchestrator.api import dicomweb as dicomweb_api
-from orchestrator.api import events, health, metrics_collectors, models, ops, studies
-from orchestrator.api import exports as exports_api
-from orchestrator.api import review as review_api
-from orchestrator.api import webhooks as webhooks_api
+from orchestrator.api import metrics_collectors
 from orchestrator.api.deps import Services
-from orchestrator.arrivals import Sweeper
-from orchestrator.db import connect_pool, upgrade
+from orchestrator.api.routes import (
+    admin,
+    dicomweb,
+    events,
+    exports,
+    health,
+    models,
+    ops,
+    review,
+    studies,
+    webhooks,
+)
 from orchestrator.errors import DependencyUnavailable, MedtriageError
+from orchestrator.ingest.arrivals import Sweeper
+from orchestrator.queue import jobs as jobqueue
 from orchestrator.security.outbound import OutboundPolicy
 from orchestrator.settings import ApiSettings
-from orchestrator.storage import open_store
+from orchestrator.store.db import connect_pool, upgrade
+from orchestrator.store.objects import open_store
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +95,7 @@ def _services(settings: ApiSettings) -> Services:
 
 
 def _arrivals_sweeper(services: Services) -> Sweeper:
-    # Queues STOW-RS studies once stable or complete (orchestrator/arrivals.py).
+    # Queues STOW-RS studies once stable or complete (orchestrator/ingest/arrivals.py).
     s = services.settings
     return Sweeper(
         services.pool,
@@ -165,13 +172,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(studies.router)
     app.include_router(models.router)
     app.include_router(ops.router)
-    app.include_router(admin_api.router)
+    app.include_router(admin.router)
     app.include_router(events.router)
-    app.include_router(dicomweb_api.router)
-    app.include_router(review_api.router)
-    app.include_router(review_api.page_router)
-    app.include_router(webhooks_api.router)
-    app.include_router(exports_api.router)
+    app.include_router(dicomweb.router)
+    app.include_router(review.router)
+    app.include_router(review.page_router)
+    app.include_router(webhooks.router)
+    app.include_router(exports.router)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics(request: Request) -> Response:

@@ -18,15 +18,15 @@ from psycopg_pool import ConnectionPool
 from redis import Redis
 from redis.exceptions import RedisError
 
-from orchestrator.db import keys, translate_errors
-from orchestrator.db.audit import record, record_upload, tally
-from orchestrator.db.keys import Principal
 from orchestrator.errors import AuthenticationError, DependencyUnavailable, PermissionDenied
-from orchestrator.ingest import FileOutcome
+from orchestrator.ingest.core import FileOutcome
 from orchestrator.security import breakglass, oidc
 from orchestrator.security.ratelimit import RateLimiter
 from orchestrator.settings import ApiSettings
-from orchestrator.storage import ObjectStore
+from orchestrator.store.db import keys, translate_errors
+from orchestrator.store.db.audit import record, record_upload, tally
+from orchestrator.store.db.keys import Principal
+from orchestrator.store.objects import ObjectStore
 
 
 @dataclass

@@ -20,10 +20,10 @@ from redis.exceptions import RedisError
 from rq import Queue, Worker
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
-from orchestrator import drift
 from orchestrator import metrics as m
 from orchestrator.api.deps import Services
-from orchestrator.triton.config import load_repository
+from orchestrator.inference import drift
+from orchestrator.inference.specs import load_repository
 
 log = logging.getLogger(__name__)
 

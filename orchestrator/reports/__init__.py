@@ -1,4 +1,4 @@
-"""Report renderings beside the JSON report (``orchestrator.report``, ``medtriage.report/1``).
+"""Report renderings beside the JSON report (``orchestrator.reports.report``, ``medtriage.report/1``).
 
 The JSON form is documented by ``report.schema.json`` (JSON Schema 2020-12). Every format is
 rendered from one stored JSON revision, so all formats of a revision say

@@ -9,7 +9,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from orchestrator.storage import ObjectStore
+from orchestrator.store.objects import ObjectStore
 
 
 @dataclass

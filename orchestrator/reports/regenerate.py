@@ -17,13 +17,12 @@ from uuid import UUID
 from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
-from orchestrator import report
-from orchestrator.db import claims
-from orchestrator.db import studies as db
 from orchestrator.errors import DependencyUnavailable, NotFound
-from orchestrator.reports import CONTENT_TYPES, EXTENSIONS, context, html, pdf, sc, sr
+from orchestrator.reports import CONTENT_TYPES, EXTENSIONS, context, html, pdf, report, sc, sr
 from orchestrator.reports.context import ReportContext
-from orchestrator.storage import ObjectStore, report_key
+from orchestrator.store.db import claims
+from orchestrator.store.db import studies as db
+from orchestrator.store.objects import ObjectStore, report_key
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 on it, for viewers that show images but not structured reports.
 
 Each tile is one image's JPEG preview with its live results written underneath (no
-locations: the models were not validated for localisation, orchestrator/findings.py). A banner
+locations: the models were not validated for localisation, orchestrator/triage/findings.py). A banner
 says the image is AI output and not a diagnosis. The SC joins the source study (patient and
 study modules from the first source) and lists the sources in (0008,2112) Source Image
 Sequence.

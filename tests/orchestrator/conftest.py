@@ -15,8 +15,8 @@ from psycopg_pool import ConnectionPool
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from orchestrator.db import connect_pool
 from orchestrator.samples import radiograph
+from orchestrator.store.db import connect_pool
 
 TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 WAIT_S = 120.0

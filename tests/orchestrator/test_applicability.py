@@ -11,11 +11,11 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
-from orchestrator import applicability
-from orchestrator.applicability import RulesError, load_set, load_sets, patient_age_years
+from orchestrator.inference.specs import load_repository
 from orchestrator.samples import radiograph
 from orchestrator.settings import REPO_ROOT
-from orchestrator.triton.config import load_repository
+from orchestrator.triage import applicability
+from orchestrator.triage.applicability import RulesError, load_set, load_sets, patient_age_years
 
 REPO = REPO_ROOT / "model_repository"
 MODELS = tuple(load_repository(REPO))

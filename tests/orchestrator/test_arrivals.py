@@ -19,13 +19,15 @@ from redis import Redis
 from rq import Queue
 from rq.job import Job, JobStatus
 
-from orchestrator import arrivals, ingest, reconcile
-from orchestrator import queue as jobqueue
-from orchestrator.db import connect_pool, upgrade
-from orchestrator.db.keys import Principal, ensure_tenant
+from orchestrator.ingest import arrivals
+from orchestrator.ingest import core as ingest
+from orchestrator.queue import jobs as jobqueue
+from orchestrator.queue import reconcile
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import WorkerSettings
-from orchestrator.storage import LocalStore
+from orchestrator.store.db import connect_pool, upgrade
+from orchestrator.store.db.keys import Principal, ensure_tenant
+from orchestrator.store.objects import LocalStore
 
 pytestmark = pytest.mark.integration
 

@@ -17,9 +17,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from orchestrator.api import create_app
-from orchestrator.db import upgrade
-from orchestrator.db.audit import RESOURCE_ID_MAX, query, record, verify
 from orchestrator.settings import ApiSettings
+from orchestrator.store.db import upgrade
+from orchestrator.store.db.audit import RESOURCE_ID_MAX, query, record, verify
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,8 @@ from pydicom.uid import generate_uid
 from redis import Redis
 from rq import Queue
 
-from orchestrator import backpressure
 from orchestrator.api import create_app
+from orchestrator.queue import backpressure
 from orchestrator.settings import ApiSettings
 
 pytestmark = pytest.mark.integration

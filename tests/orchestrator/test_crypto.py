@@ -22,11 +22,11 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from redis import Redis
 
-from orchestrator import ingest
-from orchestrator.db import connect_pool
-from orchestrator.db.keys import Principal, create_key
 from orchestrator.errors import StorageError
-from orchestrator.security.crypto import (
+from orchestrator.ingest import core as ingest
+from orchestrator.store.db import connect_pool
+from orchestrator.store.db.keys import Principal, create_key
+from orchestrator.store.encryption import (
     MAGIC,
     MAGIC_STREAM,
     NONCE_BYTES,
@@ -42,7 +42,7 @@ from orchestrator.security.crypto import (
     seal_stream,
     seal_text,
 )
-from orchestrator.storage import LocalStore, S3Store, open_store
+from orchestrator.store.objects import LocalStore, S3Store, open_store
 
 TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 WAIT_S = 120.0
@@ -114,7 +114,7 @@ def test_processes_opening_a_fresh_store_together_share_one_key(tmp_path: Path) 
     created-but-not-yet-written key file once made a worker exit with 'no encryption keys')."""
     root = tmp_path / "objects"
     code = (
-        "import sys; from orchestrator.storage import open_store; "
+        "import sys; from orchestrator.store.objects import open_store; "
         "s = open_store('file://' + sys.argv[1]); print(s.ring.active if hasattr(s, 'ring') else '')"
     )
     procs = [
@@ -132,7 +132,7 @@ def test_processes_opening_a_fresh_store_together_share_one_key(tmp_path: Path) 
 
 @pytest.fixture(scope="module")
 def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from orchestrator.stack import free_port
+    from orchestrator.cli.stack import free_port
 
     port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
@@ -212,10 +212,10 @@ def test_planted_value_is_nowhere_in_the_raw_store(
 def test_flipped_byte_fails_the_instance_before_preprocessing(
     settings_env: dict[str, str], database_url: str, redis_url: str, storage_dir: Path
 ) -> None:
-    from orchestrator import queue as jobqueue
-    from orchestrator.pipeline import process_study
+    from orchestrator.pipeline.study import process_study
+    from orchestrator.queue import jobs as jobqueue
+    from orchestrator.queue.worker import build_context
     from orchestrator.settings import WorkerSettings
-    from orchestrator.worker import build_context
 
     fields = {k.removeprefix("MEDTRIAGE_").lower(): v for k, v in settings_env.items()}
     # A queue no worker listens on: this test runs the job itself, after the tampering.
@@ -353,10 +353,10 @@ def test_truncated_objects_fail_their_instance_and_the_rest_is_inferred(
     """Stored originals cut inside their nonce, inside their key id, or replaced by a cut
     segmented header: each fails alone as an integrity failure; the intact instance is
     inferred and the study gets its report."""
-    from orchestrator import queue as jobqueue
-    from orchestrator.pipeline import process_study
+    from orchestrator.pipeline.study import process_study
+    from orchestrator.queue import jobs as jobqueue
+    from orchestrator.queue.worker import build_context
     from orchestrator.settings import WorkerSettings
-    from orchestrator.worker import build_context
 
     fields = {k.removeprefix("MEDTRIAGE_").lower(): v for k, v in settings_env.items()}
     fields["queue_prefix"] = f"crypto-{uuid.uuid4().hex[:8]}"

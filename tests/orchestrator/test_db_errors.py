@@ -12,9 +12,9 @@ import pytest
 from psycopg import errors as pg
 from psycopg_pool import PoolTimeout
 
-from orchestrator import retry
-from orchestrator.db import translate_errors
 from orchestrator.errors import DependencyBusy, DependencyUnavailable
+from orchestrator.queue import retry
+from orchestrator.store.db import translate_errors
 
 
 def _raised(exc: BaseException) -> BaseException:

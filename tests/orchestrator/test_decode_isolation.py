@@ -14,7 +14,8 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
-from orchestrator.pipeline import WorkerContext, _decode
+from orchestrator.pipeline.context import WorkerContext
+from orchestrator.pipeline.prepare import _decode
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import WorkerSettings
 from preprocess import PreprocessSpec

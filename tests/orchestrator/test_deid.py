@@ -1,4 +1,4 @@
-"""De-identification (orchestrator/deid.py): the PS3.15 Annex E basic profile on synthetic
+"""De-identification (orchestrator/privacy/deid.py): the PS3.15 Annex E basic profile on synthetic
 radiographs with 20 identifying values planted, UIDs remapped consistently within a study,
 pixels untouched, burned-in annotation flagged, and ``medtriage deid`` end to end."""
 
@@ -17,7 +17,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
-from orchestrator import deid
+from orchestrator.privacy import deid
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import REPO_ROOT
 

@@ -1,4 +1,4 @@
-"""De-identification as an allow-list from the tables in orchestrator/deid_tables/: every
+"""De-identification as an allow-list from the tables in orchestrator/privacy/deid_tables/: every
 row of the PS3.15 Annex E table applied, attributes in neither table removed, free text in
 kept sequences cleaned, no input file name in the summary, and burned-in text either
 blanked by a rule (kept as data) or the image refused with the reason."""
@@ -19,7 +19,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from orchestrator import deid
+from orchestrator.privacy import deid
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import REPO_ROOT
 
@@ -240,6 +240,6 @@ def test_burned_in_text_without_a_rule_is_refused(tmp_path: Path) -> None:
 def test_tables_ship_with_the_package(table: str) -> None:
     assert (deid.TABLES / table).is_file()
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
-    assert '"deid_tables/*.csv"' in pyproject
+    assert '"privacy/deid_tables/*.csv"' in pyproject
     # Each attribute has one home: the Annex E table or the safe list.
     assert not deid.SAFE & set(deid.RECIPE)

@@ -310,13 +310,13 @@ def test_a_plain_install_carries_what_the_serving_path_reads(tmp_path: Path) -> 
     probe = (
         "import json, orchestrator, preprocess.j2k\n"
         "from importlib import resources\n"
-        "from orchestrator.db import migrate\n"
+        "from orchestrator.store.db import migrate\n"
         f"assert orchestrator.__file__.startswith({str(site)!r}), orchestrator.__file__\n"
         "root = resources.files('orchestrator')\n"
-        "print(len(list((root / 'db' / 'migrations').glob('*.sql'))))\n"
-        "assert (root / 'triton' / 'model.py.tmpl').read_text().startswith('\"\"\"')\n"
+        "print(len(list((root / 'store' / 'db' / 'migrations').glob('*.sql'))))\n"
+        "assert (root / 'inference' / 'local_triton' / 'model.py.tmpl').read_text().startswith('\"\"\"')\n"
         "json.loads((root / 'reports' / 'report.schema.json').read_text())\n"
-        "from orchestrator import deid\n"
+        "from orchestrator.privacy import deid\n"
         "assert len(deid.RECIPE) > 250 and deid.SAFE and deid.load_burn_in_rules() == []\n"
     )
     ran = subprocess.run(
@@ -328,7 +328,7 @@ def test_a_plain_install_carries_what_the_serving_path_reads(tmp_path: Path) -> 
         timeout=60,
     )
     assert ran.returncode == 0, ran.stderr[-2000:]
-    shipped = sorted(p.name for p in (REPO_ROOT / "orchestrator/db/migrations").glob("*.sql"))
+    shipped = sorted(p.name for p in (REPO_ROOT / "orchestrator/store/db/migrations").glob("*.sql"))
     assert int(ran.stdout.strip()) == len(shipped)
 
 

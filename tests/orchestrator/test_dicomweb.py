@@ -25,8 +25,8 @@ from pydicom.uid import generate_uid
 from redis import Redis
 from rq import Queue
 
-from orchestrator import dicomweb
 from orchestrator.api import create_app
+from orchestrator.ingest import stow as dicomweb
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import ApiSettings
 

@@ -28,8 +28,8 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore
 from redis import Redis
 from rq import Queue
 
-from orchestrator.db.audit import verify
 from orchestrator.samples import load_samples, radiograph
+from orchestrator.store.db.audit import verify
 
 pytestmark = pytest.mark.integration
 

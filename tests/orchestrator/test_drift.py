@@ -14,10 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator import drift
 from orchestrator.api.app import create_app
+from orchestrator.inference import drift
+from orchestrator.inference.specs import load_repository
 from orchestrator.settings import REPO_ROOT, ApiSettings
-from orchestrator.triton.config import load_repository
 
 REPOSITORY = REPO_ROOT / "model_repository"
 BINS = tuple(0.5 + 0.025 * i for i in range(21))
@@ -85,7 +85,7 @@ def test_reference_rejects_bad_edges(tmp_path: Any) -> None:
 @pytest.fixture(scope="module")
 def drift_db(database_url: str) -> Iterator[str]:
     """A database of its own, so the synthetic results touch no other test's counts."""
-    from orchestrator.db import upgrade
+    from orchestrator.store.db import upgrade
 
     admin = database_url.rsplit("/", 1)[0] + "/test"
     name = f"medtriage_drift_{uuid.uuid4().hex[:8]}"

@@ -16,9 +16,9 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 import preprocess
+from orchestrator.inference.specs import load_repository
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import REPO_ROOT
-from orchestrator.triton.config import load_repository
 
 pytestmark = pytest.mark.integration
 

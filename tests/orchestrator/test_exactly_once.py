@@ -14,13 +14,14 @@ import psycopg
 import pytest
 from pydicom.uid import generate_uid
 
-from orchestrator import ingest
-from orchestrator import queue as jobqueue
-from orchestrator.db import keys
-from orchestrator.pipeline import WorkerContext, process_study
+from orchestrator.ingest import core as ingest
+from orchestrator.pipeline.context import WorkerContext
+from orchestrator.pipeline.study import process_study
+from orchestrator.queue import jobs as jobqueue
+from orchestrator.queue.worker import build_context
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import WorkerSettings
-from orchestrator.worker import build_context
+from orchestrator.store.db import keys
 
 pytestmark = pytest.mark.integration
 

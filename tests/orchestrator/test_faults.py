@@ -26,14 +26,16 @@ import psycopg
 import pytest
 from pydicom.uid import generate_uid
 
-from orchestrator import queue as jobqueue
-from orchestrator.chaos import MotoS3, PostgresServer, RedisServer
-from orchestrator.db import upgrade
-from orchestrator.db.keys import create_key
+from orchestrator.cli.stack import LocalStack
+from orchestrator.inference.local_triton.install import install_runtime
+from orchestrator.inference.local_triton.process import TritonProcess
+from orchestrator.inference.local_triton.render import render_repository
+from orchestrator.queue import jobs as jobqueue
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import REPO_ROOT, CliSettings
-from orchestrator.stack import LocalStack
-from orchestrator.triton.local import TritonProcess, install_runtime, render_repository
+from orchestrator.store.db import upgrade
+from orchestrator.store.db.keys import create_key
+from tests.chaos import MotoS3, PostgresServer, RedisServer
 
 pytestmark = pytest.mark.integration
 

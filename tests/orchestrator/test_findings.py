@@ -6,7 +6,8 @@ import dataclasses
 
 import numpy as np
 
-from orchestrator.findings import (
+from orchestrator.inference.specs import ModelSpec, TensorSpec
+from orchestrator.triage.findings import (
     ATTENTION_QUALIFIER,
     describe,
     entropy,
@@ -15,7 +16,6 @@ from orchestrator.findings import (
     positive_labels,
     top_class,
 )
-from orchestrator.triton.config import ModelSpec, TensorSpec
 
 LABELS = ("normal", "pneumonia")
 

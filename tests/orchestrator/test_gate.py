@@ -12,8 +12,8 @@ import pytest
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from orchestrator import gate
-from orchestrator.db import studies as db
+from orchestrator.store.db import studies as db
+from orchestrator.triage import gate
 
 pytestmark = pytest.mark.integration
 

@@ -15,12 +15,12 @@ import pytest
 from psycopg_pool import ConnectionPool
 from pydicom.uid import generate_uid
 
-from orchestrator import ingest
-from orchestrator import queue as jobqueue
-from orchestrator.db import keys
 from orchestrator.errors import StorageError
+from orchestrator.ingest import core as ingest
+from orchestrator.queue import jobs as jobqueue
 from orchestrator.samples import load_samples, radiograph
-from orchestrator.storage import LocalStore
+from orchestrator.store.db import keys
+from orchestrator.store.objects import LocalStore
 
 pytestmark = pytest.mark.integration
 

@@ -33,14 +33,17 @@ from pydicom.uid import UID, ExplicitVRBigEndian, RLELossless, generate_uid
 from redis import Redis
 
 import preprocess
-from orchestrator import dimse, importer, ingest, ingest_rules, metrics
+from orchestrator import metrics
 from orchestrator.api.app import create_app
-from orchestrator.db import connect_pool, upgrade
-from orchestrator.db.keys import Principal, create_key, ensure_tenant
-from orchestrator.dimse import StoreSCP
+from orchestrator.ingest import core as ingest
+from orchestrator.ingest import dimse, importer
+from orchestrator.ingest import rules as ingest_rules
+from orchestrator.ingest.dimse import StoreSCP
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import ApiSettings
-from orchestrator.storage import LocalStore
+from orchestrator.store.db import connect_pool, upgrade
+from orchestrator.store.db.keys import Principal, create_key, ensure_tenant
+from orchestrator.store.objects import LocalStore
 from preprocess.decode import decode_frame
 
 pytestmark = pytest.mark.integration

@@ -16,10 +16,10 @@ from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
 
 from orchestrator.api import create_app
-from orchestrator.db.keys import ensure_tenant
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.security.oidc import Issuer
 from orchestrator.settings import ApiSettings
+from orchestrator.store.db.keys import ensure_tenant
 
 pytestmark = pytest.mark.integration
 
@@ -261,7 +261,7 @@ def test_idempotency_key_in_flight_is_409_and_bad_key_400(
     with psycopg.connect(database_url) as conn:
         tenant = conn.execute("SELECT id FROM tenants WHERE name = 'tenant-ingest'").fetchone()
         assert tenant is not None
-        from orchestrator.api.uploads import digest
+        from orchestrator.api.routes.uploads import digest
 
         conn.execute(
             "INSERT INTO idempotency_keys (tenant_id, key, route, request_sha256)"

@@ -9,8 +9,8 @@ import pytest
 from rq import Queue
 from rq.job import Job, JobStatus
 
-from orchestrator import ingest
-from orchestrator import queue as jobqueue
+from orchestrator.ingest import core as ingest
+from orchestrator.queue import jobs as jobqueue
 
 pytestmark = pytest.mark.integration
 

@@ -22,9 +22,9 @@ from fastapi.testclient import TestClient
 
 from orchestrator import metrics
 from orchestrator.api import create_app
-from orchestrator.db.keys import create_key, ensure_tenant
 from orchestrator.security.oidc import Issuer
 from orchestrator.settings import ApiSettings
+from orchestrator.store.db.keys import create_key, ensure_tenant
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from orchestrator.retention import KINDS, set_policy
+from orchestrator.privacy.retention import KINDS, set_policy
 
 pytestmark = pytest.mark.integration
 

@@ -32,7 +32,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from orchestrator import archive
+from orchestrator.ingest import archive
 from orchestrator.samples import load_samples, radiograph
 
 pytestmark = pytest.mark.integration

@@ -15,9 +15,9 @@ from pydicom.uid import generate_uid
 
 from orchestrator import metrics
 from orchestrator.api.app import create_app, iter_routes
+from orchestrator.inference.specs import load_repository
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import REPO_ROOT, ApiSettings
-from orchestrator.triton.config import load_repository
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from orchestrator import pacs, webhooks
 from orchestrator.api import create_app
+from orchestrator.deliver import pacs, webhooks
 from orchestrator.security.outbound import DestinationRefused, OutboundPolicy
 from orchestrator.settings import ApiSettings
 

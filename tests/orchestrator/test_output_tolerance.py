@@ -15,7 +15,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from orchestrator import logfilter
+from orchestrator.privacy import logfilter
 from orchestrator.reports import sc, sr
 from orchestrator.reports.context import ReportContext
 from orchestrator.reports.source_header import normalise

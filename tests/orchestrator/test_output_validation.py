@@ -17,17 +17,18 @@ import pytest
 from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
 
-from orchestrator import routing
 from orchestrator.api import create_app
-from orchestrator.applicability import load_sets
-from orchestrator.db import connect_pool
-from orchestrator.inference import PRIORITY_DEFAULT, TritonInference, check_outputs
-from orchestrator.pipeline import WorkerContext, process_study
-from orchestrator.queue import job_id
+from orchestrator.inference import routing
+from orchestrator.inference.client import PRIORITY_DEFAULT, TritonInference, check_outputs
+from orchestrator.inference.specs import ModelSpec, load_repository
+from orchestrator.pipeline.context import WorkerContext
+from orchestrator.pipeline.study import process_study
+from orchestrator.queue.jobs import job_id
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import REPO_ROOT, ApiSettings, WorkerSettings
-from orchestrator.storage import open_store
-from orchestrator.triton.config import ModelSpec, load_repository
+from orchestrator.store.db import connect_pool
+from orchestrator.store.objects import open_store
+from orchestrator.triage.applicability import load_sets
 
 MODELS = load_repository(REPO_ROOT / "model_repository")
 BATCH = 3

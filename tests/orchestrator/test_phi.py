@@ -19,8 +19,8 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, generate_uid
 from redis import Redis
 
+from orchestrator.cli.stack import log_dir
 from orchestrator.samples import load_samples
-from orchestrator.stack import log_dir
 
 pytestmark = pytest.mark.integration
 

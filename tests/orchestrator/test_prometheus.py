@@ -16,8 +16,8 @@ import pytest
 import yaml
 from pydicom.uid import generate_uid
 
+from orchestrator.cli.stack import free_port
 from orchestrator.samples import load_samples, radiograph
-from orchestrator.stack import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -25,8 +25,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from redis import Redis
 
-from orchestrator import queue as jobqueue
-from orchestrator.retention import KINDS, STUDY_REFERENCES, set_legal_hold, set_policy
+from orchestrator.privacy.retention import KINDS, STUDY_REFERENCES, set_legal_hold, set_policy
+from orchestrator.queue import jobs as jobqueue
 
 pytestmark = pytest.mark.integration
 

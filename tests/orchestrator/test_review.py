@@ -279,7 +279,7 @@ def test_models_compare_shows_the_reviewed_figures(
 ) -> None:
     """After the verdicts above: the same figures (every tenant's cases) in the ML engineer's
     compare view, over HTTP and in `medtriage models compare`."""
-    from orchestrator import review
+    from orchestrator.triage import review
 
     with psycopg.connect(world["db"]) as conn:
         expected = review.figures_by_version(conn, "triage")

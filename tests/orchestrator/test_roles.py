@@ -16,8 +16,8 @@ import pytest
 
 from orchestrator.api import create_app
 from orchestrator.api.app import PUBLIC_PATHS, iter_routes
-from orchestrator.db.keys import ROLES
 from orchestrator.settings import ApiSettings
+from orchestrator.store.db.keys import ROLES
 
 pytestmark = pytest.mark.integration
 

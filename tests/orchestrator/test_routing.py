@@ -5,7 +5,7 @@ import collections
 import pytest
 from pydicom.uid import generate_uid
 
-from orchestrator.routing import Route, bucket, choose
+from orchestrator.inference.routing import Route, bucket, choose
 
 # 2,000 random studies split 50/50: a binomial σ of ≈1.1 %, so ±5 % is > 4σ.
 SPLIT_STUDIES = 2000

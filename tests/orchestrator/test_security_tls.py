@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from orchestrator.stack import free_port
+from orchestrator.cli.stack import free_port
 
 pytestmark = [
     pytest.mark.integration,

@@ -19,11 +19,12 @@ from pydicom.uid import generate_uid
 from redis import Redis
 from rq import Queue
 
-from orchestrator import deadletter, ingest
-from orchestrator import queue as jobqueue
-from orchestrator.db import keys
+from orchestrator.ingest import core as ingest
+from orchestrator.queue import deadletter
+from orchestrator.queue import jobs as jobqueue
 from orchestrator.samples import load_samples, radiograph
-from orchestrator.storage import LocalStore
+from orchestrator.store.db import keys
+from orchestrator.store.objects import LocalStore
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ import boto3
 import pytest
 
 from orchestrator.errors import ObjectNotFound
-from orchestrator.security.crypto import (
+from orchestrator.store.encryption import (
     SEGMENT_BYTES,
     KeyRing,
     ObjectTampered,
@@ -23,7 +23,7 @@ from orchestrator.security.crypto import (
     open_sealed,
     seal_stream,
 )
-from orchestrator.storage import LocalStore, ObjectStore, S3Store, open_store
+from orchestrator.store.objects import LocalStore, ObjectStore, S3Store, open_store
 
 MOTO_START_TIMEOUT_S = 30.0
 

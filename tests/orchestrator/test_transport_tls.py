@@ -36,13 +36,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from orchestrator import queue as jobqueue
-from orchestrator.db import connect_pool, upgrade
-from orchestrator.inference import TritonInference
-from orchestrator.model_control import TritonControl
+from orchestrator.cli.stack import free_port
+from orchestrator.inference.client import TritonInference
+from orchestrator.inference.model_control import TritonControl
+from orchestrator.queue import jobs as jobqueue
 from orchestrator.security.tls import GrpcTls
 from orchestrator.settings import WorkerSettings
-from orchestrator.stack import free_port
+from orchestrator.store.db import connect_pool, upgrade
 
 REDIS_START_TIMEOUT_S = 10.0
 POSTGRES_START_TIMEOUT_S = 30.0

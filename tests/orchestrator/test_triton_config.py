@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.triton.config import (
+from orchestrator.inference.specs import (
     ModelConfigError,
     ModelSpec,
     TensorSpec,

@@ -27,18 +27,18 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2 as mc
 
-from orchestrator.triton.config import ModelConfigError, load_model_spec, read_model_config
-from orchestrator.triton.local import (
-    ORT_THREADS_PARAMETER,
-    TritonProcess,
+from orchestrator.inference.local_triton.install import (
     TritonRuntimeError,
-    default_home,
     install_runtime,
-    render_repository,
-    server_env,
     stub_site_dir,
+)
+from orchestrator.inference.local_triton.process import TritonProcess, default_home, server_env
+from orchestrator.inference.local_triton.render import (
+    ORT_THREADS_PARAMETER,
+    render_repository,
     to_python_backend,
 )
+from orchestrator.inference.specs import ModelConfigError, load_model_spec, read_model_config
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from orchestrator import worker
+from orchestrator.queue import worker
 
 
 class Loop:

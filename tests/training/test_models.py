@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from orchestrator.triton.config import load_repository
+from orchestrator.inference.specs import load_repository
 from training import data, metrics
 
 REPO = Path(__file__).resolve().parents[2] / "model_repository"

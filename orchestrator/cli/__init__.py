@@ -1,0 +1,1 @@
+"""The ``medtriage`` command line (``main``) and its command groups, one module each."""

@@ -1,0 +1,366 @@
+"""Model rollout: versions, traffic weights, shadows, comparison, gated promotion, rollback.
+
+State lives in PostgreSQL (``model_routes``, ``model_events``, ``model_gates``) and is read
+by workers per study, so every change takes effect without restarts. Triton's explicit
+model control loads and unloads versions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from psycopg import Connection
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from orchestrator.errors import BadRequest, MedtriageError, NotFound
+from orchestrator.inference.routing import Route, load_routes
+
+
+class RolloutError(BadRequest):
+    """A rollout request that cannot be honoured as asked (weights, versions, gate)."""
+
+
+class GateFailed(MedtriageError):
+    http_status = 409
+
+
+@dataclass(frozen=True)
+class VersionStats:
+    version: int
+    arm: str
+    results: int
+    studies: int
+    agreement_with_live: float | None
+    agreement_with_review: float | None
+    reviewed: int
+    mean_confidence: float | None
+    p10_confidence: float | None
+    review_share: float | None
+    p50_latency_ms: float | None
+    p95_latency_ms: float | None
+
+
+@dataclass(frozen=True)
+class Gate:
+    min_results: int = 50
+    min_agreement: float = 0.9
+    max_review_share: float = 0.5
+
+
+def _routes_json(routes: list[Route]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in routes]
+
+
+def _event(
+    conn: Connection,
+    model: str,
+    action: str,
+    actor: str,
+    before: list[Route],
+    after: list[Route],
+    detail: dict[str, Any] | None = None,
+) -> None:
+    conn.execute(
+        "INSERT INTO model_events (model, action, actor, before, after, detail)"
+        " VALUES (%s, %s, %s, %s, %s, %s)",
+        (
+            model,
+            action,
+            actor,
+            Jsonb(_routes_json(before)),
+            Jsonb(_routes_json(after)),
+            Jsonb(detail or {}),
+        ),
+    )
+
+
+def _known_versions(conn: Connection, model: str) -> set[int]:
+    rows = conn.execute(
+        "SELECT version FROM model_versions WHERE model = %s AND state <> 'retired'", (model,)
+    ).fetchall()
+    if not rows:
+        raise NotFound(f"unknown model {model!r}")
+    return {int(r[0]) for r in rows}
+
+
+def parse_weights(pairs: list[str]) -> dict[int, int]:
+    """``["1=90", "2=10"]`` → ``{1: 90, 2: 10}``."""
+    weights: dict[int, int] = {}
+    for pair in pairs:
+        try:
+            version, weight = pair.split("=", 1)
+            weights[int(version)] = int(weight)
+        except ValueError as exc:
+            raise RolloutError(
+                f"weight {pair!r} must look like VERSION=PERCENT, e.g. 2=10"
+            ) from exc
+    return weights
+
+
+def set_weights(
+    conn: Connection,
+    model: str,
+    weights: dict[int, int],
+    *,
+    actor: str,
+    loaded: set[int] | None = None,
+    action: str = "route",
+) -> list[Route]:
+    """Replace the live split. Weights must sum to 100 and name known (and loaded) versions."""
+    known = _known_versions(conn, model)
+    if any(w < 0 or w > 100 for w in weights.values()):
+        raise RolloutError("each weight must be between 0 and 100")
+    if sum(weights.values()) != 100:
+        raise RolloutError(f"weights must sum to 100, not {sum(weights.values())}")
+    unknown = sorted(set(weights) - known)
+    if unknown:
+        raise RolloutError(f"{model} has no version(s) {unknown}; known: {sorted(known)}")
+    if loaded is not None:
+        missing = sorted(v for v, w in weights.items() if w > 0 and v not in loaded)
+        if missing:
+            raise RolloutError(
+                f"{model} version(s) {missing} are not loaded in Triton; "
+                f"`medtriage models load {model} {missing[0]}` first"
+            )
+    before = load_routes(conn, model)
+    shadows = {r.version for r in before if r.shadow}
+    conn.execute("DELETE FROM model_routes WHERE model = %s AND NOT shadow", (model,))
+    for version, weight in sorted(weights.items()):
+        if weight == 0:
+            continue
+        if version in shadows:  # a version cannot be live and shadow at once
+            conn.execute(
+                "DELETE FROM model_routes WHERE model = %s AND version = %s", (model, version)
+            )
+        conn.execute(
+            "INSERT INTO model_routes (model, version, weight, shadow, updated_by)"
+            " VALUES (%s, %s, %s, false, %s)",
+            (model, version, weight, actor),
+        )
+    after = load_routes(conn, model)
+    _event(conn, model, action, actor, before, after)
+    return after
+
+
+def add_shadow(conn: Connection, model: str, version: int, *, actor: str) -> list[Route]:
+    if version not in _known_versions(conn, model):
+        raise RolloutError(f"{model} has no version {version}")
+    before = load_routes(conn, model)
+    if any(r.version == version and not r.shadow for r in before):
+        raise RolloutError(f"{model} v{version} is live; a live version cannot also be a shadow")
+    conn.execute(
+        "INSERT INTO model_routes (model, version, weight, shadow, updated_by)"
+        " VALUES (%s, %s, 0, true, %s) ON CONFLICT (model, version) DO NOTHING",
+        (model, version, actor),
+    )
+    after = load_routes(conn, model)
+    _event(conn, model, "shadow_add", actor, before, after, {"version": version})
+    return after
+
+
+def remove_shadow(conn: Connection, model: str, version: int, *, actor: str) -> list[Route]:
+    before = load_routes(conn, model)
+    conn.execute(
+        "DELETE FROM model_routes WHERE model = %s AND version = %s AND shadow", (model, version)
+    )
+    after = load_routes(conn, model)
+    _event(conn, model, "shadow_remove", actor, before, after, {"version": version})
+    return after
+
+
+def failover(conn: Connection, model: str, lost: int, *, actor: str, reason: str) -> list[Route]:
+    """A live version disappeared: give its share to the remaining live arms, record it."""
+    before = load_routes(conn, model)
+    live = {r.version: r.weight for r in before if not r.shadow and r.version != lost}
+    if not live:
+        return before
+    total = sum(live.values())
+    weights = {v: w * 100 // total for v, w in live.items()}
+    top = max(weights, key=lambda v: weights[v])
+    weights[top] += 100 - sum(weights.values())
+    return set_weights(conn, model, weights, actor=actor, action="failover") if weights else before
+
+
+def get_gate(conn: Connection, model: str) -> Gate:
+    row = conn.execute(
+        "SELECT min_results, min_agreement, max_review_share FROM model_gates WHERE model = %s",
+        (model,),
+    ).fetchone()
+    return Gate(int(row[0]), float(row[1]), float(row[2])) if row else Gate()
+
+
+def set_gate(conn: Connection, model: str, gate: Gate) -> None:
+    conn.execute(
+        "INSERT INTO model_gates (model, min_results, min_agreement, max_review_share)"
+        " VALUES (%s, %s, %s, %s) ON CONFLICT (model) DO UPDATE SET"
+        " min_results = EXCLUDED.min_results, min_agreement = EXCLUDED.min_agreement,"
+        " max_review_share = EXCLUDED.max_review_share, updated_at = now()",
+        (model, gate.min_results, gate.min_agreement, gate.max_review_share),
+    )
+
+
+_COMPARE_SQL = """
+WITH r AS (
+    SELECT res.*, s.id AS sid
+    FROM results res JOIN studies s ON s.id = res.study_id
+    WHERE res.model = %(model)s AND res.version = ANY(%(versions)s)
+),
+live AS (
+    SELECT instance_id, label FROM results WHERE model = %(model)s AND arm = 'live'
+),
+truth AS (
+    SELECT rc.study_id,
+           CASE WHEN rc.verdict = 'override' THEN rc.correct_label END AS override_label,
+           rc.verdict
+    FROM review_cases rc WHERE rc.status = 'closed'
+)
+SELECT r.version,
+       CASE WHEN bool_or(r.arm = 'live') THEN 'live' ELSE 'shadow' END AS arm,
+       count(*) AS results,
+       count(DISTINCT r.sid) AS studies,
+       avg((r.label = l.label)::int) FILTER (WHERE r.arm = 'shadow') AS agreement_with_live,
+       avg((r.label = coalesce(t.override_label, l.label))::int)
+           FILTER (WHERE t.verdict IS NOT NULL) AS agreement_with_review,
+       count(*) FILTER (WHERE t.verdict IS NOT NULL) AS reviewed,
+       avg(r.confidence) AS mean_confidence,
+       percentile_cont(0.1) WITHIN GROUP (ORDER BY r.confidence) AS p10_confidence,
+       (count(DISTINCT r.sid) FILTER (WHERE EXISTS (
+            SELECT 1 FROM review_cases rc WHERE rc.study_id = r.sid)))::float
+           / nullif(count(DISTINCT r.sid), 0) AS review_share,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY r.latency_ms) AS p50_latency_ms,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY r.latency_ms) AS p95_latency_ms
+FROM r
+LEFT JOIN live l ON l.instance_id = r.instance_id
+LEFT JOIN truth t ON t.study_id = r.sid
+GROUP BY r.version
+ORDER BY r.version
+"""
+
+
+def compare(conn: Connection, model: str, versions: list[int]) -> list[VersionStats]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(_COMPARE_SQL, {"model": model, "versions": versions}).fetchall()
+    found = {int(r["version"]): r for r in rows}
+    out = []
+    for v in versions:
+        r = found.get(v)
+        if r is None:
+            out.append(VersionStats(v, "-", 0, 0, None, None, 0, None, None, None, None, None))
+            continue
+        out.append(
+            VersionStats(
+                version=v,
+                arm=r["arm"],
+                results=int(r["results"]),
+                studies=int(r["studies"]),
+                agreement_with_live=_f(r["agreement_with_live"]),
+                agreement_with_review=_f(r["agreement_with_review"]),
+                reviewed=int(r["reviewed"]),
+                mean_confidence=_f(r["mean_confidence"]),
+                p10_confidence=_f(r["p10_confidence"]),
+                review_share=_f(r["review_share"]),
+                p50_latency_ms=_f(r["p50_latency_ms"]),
+                p95_latency_ms=_f(r["p95_latency_ms"]),
+            )
+        )
+    return out
+
+
+def _f(value: Any) -> float | None:
+    return None if value is None else round(float(value), 4)
+
+
+def gate_failures(stats: VersionStats, gate: Gate) -> list[str]:
+    failures = []
+    if stats.results < gate.min_results:
+        failures.append(f"only {stats.results} results (gate needs {gate.min_results})")
+    if stats.agreement_with_live is None:
+        failures.append("no shadow results to measure agreement with the live arm")
+    elif stats.agreement_with_live < gate.min_agreement:
+        failures.append(
+            f"agreement with live {stats.agreement_with_live:.3f} < {gate.min_agreement}"
+        )
+    if stats.review_share is not None and stats.review_share > gate.max_review_share:
+        failures.append(f"review share {stats.review_share:.3f} > {gate.max_review_share}")
+    return failures
+
+
+def promote(
+    conn: Connection,
+    model: str,
+    version: int,
+    *,
+    actor: str,
+    force: bool = False,
+    loaded: set[int] | None = None,
+) -> list[Route]:
+    """Send 100 % of traffic to ``version`` if the model's gate passes (or ``force``)."""
+    gate = get_gate(conn, model)
+    stats = compare(conn, model, [version])[0]
+    failures = gate_failures(stats, gate)
+    if failures and not force:
+        _event(
+            conn,
+            model,
+            "promote_refused",
+            actor,
+            load_routes(conn, model),
+            load_routes(conn, model),
+            {"version": version, "failures": failures},
+        )
+        # The refusal is part of the record: keep it even though the caller's transaction
+        # is rolled back by the error.
+        conn.commit()
+        raise GateFailed(
+            f"promotion of {model} v{version} refused: "
+            + "; ".join(failures)
+            + " (use --force to override)"
+        )
+    before = load_routes(conn, model)
+    conn.execute(
+        "DELETE FROM model_routes WHERE model = %s AND version = %s AND shadow", (model, version)
+    )
+    after = set_weights(conn, model, {version: 100}, actor=actor, loaded=loaded, action="promote")
+    conn.execute(
+        "UPDATE model_events SET before = %s, detail = %s WHERE id = (SELECT max(id) FROM"
+        " model_events WHERE model = %s)",
+        (
+            Jsonb(_routes_json(before)),
+            Jsonb(
+                {
+                    "version": version,
+                    "forced": bool(failures),
+                    "gate_failures": failures,
+                    "stats": asdict(stats),
+                }
+            ),
+            model,
+        ),
+    )
+    return after
+
+
+def rollback(conn: Connection, model: str, *, actor: str) -> list[Route]:
+    """Restore the routes that were in force before the last route change."""
+    row = conn.execute(
+        "SELECT before FROM model_events WHERE model = %s AND action IN"
+        " ('route', 'promote', 'failover') ORDER BY id DESC LIMIT 1",
+        (model,),
+    ).fetchone()
+    if row is None:
+        raise RolloutError(f"{model} has no route change to roll back")
+    previous = [Route(**r) for r in (row[0] if isinstance(row[0], list) else json.loads(row[0]))]
+    before = load_routes(conn, model)
+    conn.execute("DELETE FROM model_routes WHERE model = %s", (model,))
+    for r in previous:
+        conn.execute(
+            "INSERT INTO model_routes (model, version, weight, shadow, updated_by)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (model, r.version, r.weight, r.shadow, actor),
+        )
+    after = load_routes(conn, model)
+    _event(conn, model, "rollback", actor, before, after)
+    return after

@@ -1,0 +1,212 @@
+"""The reconciler: PostgreSQL says a study is open, Redis must have a live job for it.
+
+Redis is only the transport (ours keeps nothing on disk). A study whose state is received,
+queued or processing, untouched for ``reconcile_stale_after_s``, is checked against RQ:
+
+- job queued (and really in the queue list), scheduled or deferred → fine;
+- job started by a worker whose liveness key is still fresh → fine;
+- otherwise (no job: Redis restarted; started by a dead worker: SIGKILL; failed after RQ's
+  retries; finished without the study finishing) → requeued, or dead-lettered once the job
+  has had ``max_attempts`` attempts.
+
+A study still gathering instances (``received`` with a ``study_arrivals`` row younger than
+``ingest_stable_age_s`` + the stale time) waits for the arrivals sweeper and is not stale.
+
+RQ alone is not enough: a SIGKILLed SimpleWorker's job stays 'started' until its registry
+entry expires (job timeout + a minute), and a lost Redis loses every job.
+
+Each worker process runs ``Background``: it refreshes the worker's liveness key every few
+seconds (a thread, so it beats during a long job too) and, at most once per interval across
+all workers (a Redis lock), runs one reconcile pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from psycopg_pool import ConnectionPool
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+from orchestrator.errors import MedtriageError
+from orchestrator.queue import deadletter
+from orchestrator.queue import jobs as jobqueue
+from orchestrator.settings import CommonSettings
+from orchestrator.store.db import translate_errors
+
+log = logging.getLogger(__name__)
+
+# A worker's liveness key lives this long; it is refreshed every HEARTBEAT_INTERVAL_S.
+ALIVE_TTL_S = 10
+HEARTBEAT_INTERVAL_S = 2.0
+# Studies looked at per pass (oldest first); the next pass takes the rest.
+BATCH_SIZE = 500
+
+ACTIVE, LOST, ABANDONED, FAILED, FINISHED = "active", "lost", "abandoned", "failed", "finished"
+
+
+def alive_key(prefix: str, worker_name: str) -> str:
+    return f"{prefix}:alive:{worker_name}"
+
+
+def lock_key(prefix: str) -> str:
+    return f"{prefix}:reconcile-lock"
+
+
+def mark_alive(redis: Redis, prefix: str, worker_name: str) -> None:
+    redis.set(alive_key(prefix, worker_name), "1", ex=ALIVE_TTL_S)
+
+
+def job_state(redis: Redis, prefix: str, queue_name: str, study_id: UUID) -> str:
+    """What RQ knows about the study's job, reduced to whether someone will run it."""
+    jid = jobqueue.job_id(study_id)
+    try:
+        job = Job.fetch(jid, connection=redis)
+    except NoSuchJobError:
+        return LOST
+    status = job.get_status(refresh=False)
+    if status in (JobStatus.SCHEDULED, JobStatus.DEFERRED):
+        return ACTIVE
+    if status == JobStatus.QUEUED:
+        # 'queued' but in no list (a worker died between taking it and starting it) is lost.
+        in_queue = redis.lpos(Queue(queue_name, connection=redis).key, jid) is not None
+        return ACTIVE if in_queue else LOST
+    if status == JobStatus.STARTED:
+        worker = job.worker_name
+        return ACTIVE if worker and redis.exists(alive_key(prefix, worker)) else ABANDONED
+    if status == JobStatus.FAILED:
+        return FAILED
+    return FINISHED
+
+
+@dataclass
+class Pass:
+    checked: int = 0
+    requeued: list[UUID] = field(default_factory=list)
+    dead_lettered: list[UUID] = field(default_factory=list)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "checked": self.checked,
+            "requeued": [str(s) for s in self.requeued],
+            "dead_lettered": [str(s) for s in self.dead_lettered],
+        }
+
+
+def reconcile_once(pool: ConnectionPool, redis: Redis, settings: CommonSettings) -> Pass:
+    """One pass over the open studies; requeue or dead-letter those nobody will run."""
+    result = Pass()
+    with translate_errors(), pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT s.id, coalesce(j.attempts, 0), j.last_error FROM studies s"
+            " LEFT JOIN jobs j ON j.study_id = s.id AND j.stage = %s"
+            " WHERE s.status IN ('received', 'queued', 'processing')"
+            " AND s.updated_at < now() - make_interval(secs => %s)"
+            # A received study still gathering instances is the arrivals sweeper's, not
+            # stale: taking it would process it half-complete, then again when complete.
+            # Only once it has outlived its stable age by the stale time (no sweeper ran).
+            " AND NOT (s.status = 'received' AND EXISTS (SELECT 1 FROM study_arrivals a"
+            "  WHERE a.study_id = s.id AND a.last_at >= now() - make_interval(secs => %s)))"
+            " ORDER BY s.updated_at LIMIT %s",
+            (
+                jobqueue.STAGE_PROCESS,
+                settings.reconcile_stale_after_s,
+                settings.ingest_stable_age_s + settings.reconcile_stale_after_s,
+                BATCH_SIZE,
+            ),
+        ).fetchall()
+    for raw_id, attempts, last_error in rows:
+        study_id = UUID(str(raw_id))
+        result.checked += 1
+        state = job_state(redis, settings.queue_prefix, settings.queue_name, study_id)
+        if state == ACTIVE:
+            continue
+        if attempts >= settings.max_attempts:
+            reason = f"job {state}" + (f"; last error: {last_error}" if last_error else "")
+            with translate_errors(), pool.connection() as conn:
+                if deadletter.add(conn, study_id, reason=reason, attempts=int(attempts)):
+                    result.dead_lettered.append(study_id)
+            log.warning("study %s dead-lettered after %d attempts (%s)", study_id, attempts, state)
+            continue
+        with translate_errors(), pool.connection() as conn:
+            # Touch it so the next pass waits the stale time again; create the job row if
+            # the ingest died before writing it.
+            touched = conn.execute(
+                "UPDATE studies SET updated_at = now() WHERE id = %s"
+                " AND status IN ('received', 'queued', 'processing') RETURNING priority",
+                (study_id,),
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO jobs (id, study_id, stage, status) VALUES (%s, %s, %s, 'queued')"
+                " ON CONFLICT (id) DO NOTHING",
+                (jobqueue.job_id(study_id), study_id, jobqueue.STAGE_PROCESS),
+            )
+        if touched is not None:
+            jobqueue.requeue_study(
+                redis,
+                settings.queue_name,
+                study_id,
+                job_timeout_s=settings.job_timeout_s,
+                priority=touched[0],
+            )
+            result.requeued.append(study_id)
+            log.warning("study %s requeued (job %s)", study_id, state)
+    return result
+
+
+def try_reconcile(
+    pool: ConnectionPool, redis: Redis, settings: CommonSettings, owner: str
+) -> Pass | None:
+    """Run a pass unless another process ran one within the interval (a Redis lock)."""
+    ttl = max(1, int(settings.reconcile_interval_s))
+    if not redis.set(lock_key(settings.queue_prefix), owner, nx=True, ex=ttl):
+        return None
+    return reconcile_once(pool, redis, settings)
+
+
+class Background(threading.Thread):
+    """Liveness heartbeat + periodic reconcile, inside a worker process."""
+
+    def __init__(self, pool: ConnectionPool, settings: CommonSettings, worker_name: str) -> None:
+        super().__init__(name="medtriage-reconciler", daemon=True)
+        self.pool = pool
+        self.settings = settings
+        self.worker_name = worker_name
+        self.redis = jobqueue.connect(settings.redis_url)
+        self.stopping = threading.Event()
+
+    def beat(self) -> None:
+        try:
+            mark_alive(self.redis, self.settings.queue_prefix, self.worker_name)
+        except RedisError as exc:
+            log.warning("liveness heartbeat failed: %s", type(exc).__name__)
+
+    def run(self) -> None:
+        since_pass = float("inf")  # a pass right at start: recover what a crash left behind
+        while not self.stopping.is_set():
+            self.beat()
+            if since_pass >= self.settings.reconcile_interval_s:
+                since_pass = 0.0
+                try:
+                    done = try_reconcile(self.pool, self.redis, self.settings, self.worker_name)
+                    if done and (done.requeued or done.dead_lettered):
+                        log.warning("reconcile: %s", done.public())
+                except (MedtriageError, RedisError, OSError) as exc:
+                    log.warning("reconcile pass failed: %s", type(exc).__name__)
+                except Exception:  # noqa: BLE001 - the thread must outlive any one bad pass
+                    log.exception("reconcile pass crashed")
+            self.stopping.wait(HEARTBEAT_INTERVAL_S)
+            since_pass += HEARTBEAT_INTERVAL_S
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with contextlib.suppress(RedisError):
+            self.redis.delete(alive_key(self.settings.queue_prefix, self.worker_name))

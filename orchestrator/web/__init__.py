@@ -1,1 +1,0 @@
-"""The reviewer web page: server-rendered HTML fragments and one small script (render.py)."""

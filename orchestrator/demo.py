@@ -17,6 +17,7 @@ import psycopg
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from orchestrator import lifecycle
 from orchestrator.cli.stack import LocalStack
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import CliSettings
@@ -27,7 +28,7 @@ from orchestrator.store.db.keys import create_key
 STUDY_TIMEOUT_S = 180.0
 POLL_S = 0.25
 HTTP_TIMEOUT_S = 60.0
-TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
+TERMINAL = lifecycle.TERMINAL_VALUES
 
 
 def sample_studies() -> list[dict[str, Any]]:

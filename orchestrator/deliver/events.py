@@ -19,8 +19,6 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
-TERMINAL_STATUSES = frozenset({"done", "failed", "needs_review", "not_applicable"})
-
 
 def study_channel(queue_prefix: str, study_id: Any) -> str:
     return f"{queue_prefix}:events:study:{study_id}"

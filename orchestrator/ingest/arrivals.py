@@ -16,7 +16,9 @@ from uuid import UUID
 from psycopg_pool import ConnectionPool
 from redis import Redis
 
+from orchestrator import lifecycle
 from orchestrator.ingest import core as ingest
+from orchestrator.queue import jobs as jobqueue
 from orchestrator.store.db import arrivals as db
 from orchestrator.store.db import translate_errors
 
@@ -42,7 +44,7 @@ def sweep(
             (study_id, source)
             for study_id, source in db.due(conn, stable_age_s=stable_age_s, limit=SWEEP_BATCH)
             # A running job would miss the new instances: the next sweep after it takes them.
-            if not ingest.job_running(redis, study_id)
+            if not jobqueue.job_running(redis, study_id)
         ]
         for study_id, _ in ready:
             db.forget(conn, study_id)
@@ -50,7 +52,7 @@ def sweep(
     queued: list[UUID] = []
     for study_id, source in ready:
         try:
-            ingest.queue_study(pool, redis, queue_name, study_id, job_timeout_s=job_timeout_s)
+            lifecycle.queue(pool, redis, queue_name, study_id, job_timeout_s=job_timeout_s)
         except Exception:
             ingest.record_arrival(pool, study_id, source=source, instances=0, complete=True)
             raise

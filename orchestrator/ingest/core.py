@@ -20,18 +20,14 @@ from uuid import UUID
 from psycopg_pool import ConnectionPool
 from pydicom.uid import UID
 from redis import Redis
-from redis.exceptions import RedisError
-from rq.job import JobStatus
 
 import preprocess
-from orchestrator import metrics
+from orchestrator import lifecycle, metrics
 from orchestrator.ingest import rules as ingest_rules
-from orchestrator.queue import jobs as jobqueue
 from orchestrator.store.db import arrivals, translate_errors
 from orchestrator.store.db import studies as db
 from orchestrator.store.db.audit import record as record_audit
 from orchestrator.store.db.keys import Principal
-from orchestrator.store.db.studies import StudyStatus
 from orchestrator.store.objects import ObjectStore, original_key
 
 log = logging.getLogger(__name__)
@@ -279,7 +275,7 @@ def _record(
             for f in files:
                 study_id = study_ids.get(f.study_uid)
                 if study_id is None:
-                    study_id = study_ids[f.study_uid] = db.upsert_study(
+                    study_id = study_ids[f.study_uid] = lifecycle.receive(
                         conn,
                         tenant_id=principal.tenant_id,
                         study_uid=f.study_uid,
@@ -500,7 +496,7 @@ def ingest(
                 _complete_if_waiting(pool, study_id)  # "complete" sent with a retried instance
             continue
         if arrival is None:
-            queue_study(pool, redis, queue_name, study_id, job_timeout_s=job_timeout_s)
+            lifecycle.queue(pool, redis, queue_name, study_id, job_timeout_s=job_timeout_s)
             continue
         count = sum(f.study_id == study_id and f.outcome == ACCEPTED for f in result.files)
         record_arrival(pool, study_id, source=arrival[0], instances=count, complete=arrival[1])
@@ -520,38 +516,3 @@ def record_arrival(
         arrivals.record(
             conn, study_id=study_id, source=source, instances=instances, complete=complete
         )
-
-
-def queue_study(
-    pool: ConnectionPool, redis: Redis, queue_name: str, study_id: UUID, *, job_timeout_s: int
-) -> None:
-    """Mark the study queued and enqueue its job. A study already finished is re-run for new
-    instances (results are idempotent per instance and model version)."""
-    with translate_errors(), pool.connection() as conn:
-        priority = db.mark_queued(
-            conn,
-            study_id,
-            expected=(
-                StudyStatus.RECEIVED,
-                StudyStatus.DONE,
-                StudyStatus.FAILED,
-                StudyStatus.NEEDS_REVIEW,
-            ),
-        )
-        jid = jobqueue.job_id(study_id)
-        db.upsert_job(conn, job_id=jid, study_id=study_id, stage=jobqueue.STAGE_PROCESS)
-    enqueued = jobqueue.enqueue_study(
-        redis, queue_name, study_id, job_timeout_s=job_timeout_s, priority=priority
-    )
-    if not enqueued and job_running(redis, study_id):
-        # The running job listed the study's instances when it started and would miss the
-        # new ones: the arrivals sweeper queues the study again after that run. (A job still
-        # waiting in the queue will see them.)
-        record_arrival(pool, study_id, source="rest", instances=0, complete=True)
-
-
-def job_running(redis: Redis, study_id: UUID) -> bool:
-    try:
-        return jobqueue.job_status(redis, study_id) == JobStatus.STARTED
-    except RedisError:
-        return False

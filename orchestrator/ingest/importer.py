@@ -29,7 +29,7 @@ from psycopg_pool import ConnectionPool
 from redis import Redis
 
 import preprocess
-from orchestrator import metrics
+from orchestrator import lifecycle, metrics
 from orchestrator.ingest import archive
 from orchestrator.ingest import core as ingest
 from orchestrator.store.db import studies as db
@@ -284,9 +284,9 @@ class _Run:
             if not new:
                 with translate_errors(), self.pool.connection() as conn:
                     row = db.get_study(conn, study_id, tenant_id=self.principal.tenant_id)
-                if row is None or row["status"] != db.StudyStatus.RECEIVED.value:
+                if row is None or row["status"] != lifecycle.StudyStatus.RECEIVED.value:
                     continue
-            ingest.queue_study(
+            lifecycle.queue(
                 self.pool, self.redis, self.queue_name, study_id, job_timeout_s=self.job_timeout_s
             )
         self.pending.clear()

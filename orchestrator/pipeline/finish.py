@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from uuid import UUID
 
+from orchestrator import lifecycle
 from orchestrator.deliver import webhooks
+from orchestrator.lifecycle import StudyStatus
 from orchestrator.pipeline.context import Clock, Run, WorkerContext
 from orchestrator.queue import retry
 from orchestrator.reports import report
-from orchestrator.store.db import claims
 from orchestrator.store.db import studies as db
-from orchestrator.store.db.studies import StudyStatus
 from orchestrator.store.objects import report_key
 from orchestrator.triage import gate, review
 
@@ -40,7 +40,7 @@ def finish(
     study_id = run.study["id"]
     t0 = time.perf_counter()
     with ctx.pool.connection() as conn:
-        study = claims.hold(conn, study_id, token)
+        study = lifecycle.hold(conn, study_id, token)
         if study is None:
             return None
         db.finish_instances(
@@ -83,7 +83,7 @@ def finish(
         rows = db.instances(conn, study_id)
         res = [r for r in stored if r["arm"] == "live"]
         case = db.review_case(conn, study_id)
-        revision = claims.next_revision(conn, study_id)
+        revision = db.next_revision(conn, study_id)
         clock.add("report", t0)
         timings = {**study["timings"], **clock.timings}
         study = {**study, "status": final.value, "timings": timings}
@@ -93,7 +93,7 @@ def finish(
             lambda: ctx.store.put(key, body, content_type="application/json"), what="store.put"
         )
         db.insert_report(conn, study_id=study_id, revision=revision, fmt="json", object_key=key)
-        claims.release(conn, study_id, token, final, error, timings=clock.timings)
+        lifecycle.release(conn, study_id, token, final, error, timings=clock.timings)
         # Queued in the same transaction: exactly one notice per report, sent off this thread.
         webhooks.emit(
             conn,

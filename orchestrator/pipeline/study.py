@@ -17,18 +17,17 @@ import logging
 import time
 from uuid import UUID
 
-from orchestrator import metrics
+from orchestrator import lifecycle, metrics
 from orchestrator.deliver import events
 from orchestrator.errors import InferenceError
 from orchestrator.inference import routing
+from orchestrator.lifecycle import StudyStatus
 from orchestrator.pipeline.context import Clock, Run, WorkerContext
 from orchestrator.pipeline.finish import failed_rows, finish
 from orchestrator.pipeline.infer import run_model
 from orchestrator.pipeline.prepare import prepare
 from orchestrator.queue import retry
-from orchestrator.store.db import claims
 from orchestrator.store.db import studies as db
-from orchestrator.store.db.studies import StudyStatus
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
     started = time.perf_counter()
     with ctx.pool.connection() as conn:
         # A fresh claim per run: only the newest run may write the report and final state.
-        claimed = claims.claim(conn, study_id)
+        claimed = lifecycle.claim(conn, study_id)
         if claimed is None:
             current = db.get_study(conn, study_id, tenant_id=None)
             if current is None:
@@ -84,7 +83,7 @@ def process_study(ctx: WorkerContext, study_id: UUID, job_id: str) -> str:
         raise
     except (InferenceError, Exception) as exc:
         with ctx.pool.connection() as conn:
-            if claims.release(
+            if lifecycle.release(
                 conn, study_id, token, StudyStatus.FAILED, f"{type(exc).__name__}: {exc}"
             ):
                 db.finish_instances(conn, failed_rows(run))

@@ -16,29 +16,23 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 from redis import Redis
 
+from orchestrator import lifecycle
 from orchestrator.queue import jobs as jobqueue
 from orchestrator.store.db import translate_errors
-from orchestrator.store.db.studies import StudyStatus
-
-# Studies in these states can be dead-lettered (a finished study is never moved back).
-_OPEN = [StudyStatus.RECEIVED.value, StudyStatus.QUEUED.value, StudyStatus.PROCESSING.value]
 
 
 def add(conn: Connection, study_id: UUID, *, reason: str, attempts: int) -> bool:
     """Fail the study with ``reason`` and record it; False when it was no longer open."""
-    row = conn.execute(
-        "UPDATE studies SET status = 'failed', error = %s, finished_at = now(),"
-        " updated_at = now(), claim_token = NULL WHERE id = %s AND status = ANY(%s)"
-        " RETURNING tenant_id",
-        (f"dead-lettered after {attempts} attempts: {reason}", study_id, _OPEN),
-    ).fetchone()
-    if row is None:
+    tenant_id = lifecycle.dead_letter(
+        conn, study_id, f"dead-lettered after {attempts} attempts: {reason}"
+    )
+    if tenant_id is None:
         return False
     conn.execute(
         "INSERT INTO dead_letters (study_id, tenant_id, job_id, reason, attempts)"
         " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (study_id) DO UPDATE SET"
         " reason = EXCLUDED.reason, attempts = EXCLUDED.attempts, created_at = now()",
-        (study_id, row[0], jobqueue.job_id(study_id), reason, attempts),
+        (study_id, tenant_id, jobqueue.job_id(study_id), reason, attempts),
     )
     return True
 
@@ -77,13 +71,9 @@ def requeue(
         priorities: dict[UUID, str] = {}
         for study_id in ids:
             conn.execute("DELETE FROM dead_letters WHERE study_id = %s", (study_id,))
-            moved = conn.execute(
-                "UPDATE studies SET status = 'queued', error = NULL, queued_at = now(),"
-                " updated_at = now() WHERE id = %s AND status = 'failed' RETURNING priority",
-                (study_id,),
-            ).fetchone()
-            if moved is not None:
-                priorities[study_id] = moved[0]
+            priority = lifecycle.requeue_dead_letter(conn, study_id)
+            if priority is not None:
+                priorities[study_id] = priority
             conn.execute(
                 "INSERT INTO jobs (id, study_id, stage, status) VALUES (%s, %s, %s, 'queued')"
                 " ON CONFLICT (id) DO UPDATE SET status = 'queued', attempts = 0,"

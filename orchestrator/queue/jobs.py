@@ -60,6 +60,14 @@ def job_status(redis: Redis, study_id: UUID) -> JobStatus | None:
         return None
 
 
+def job_running(redis: Redis, study_id: UUID) -> bool:
+    """Whether the study's job is running now (False when Redis cannot say)."""
+    try:
+        return job_status(redis, study_id) == JobStatus.STARTED
+    except RedisError:
+        return False
+
+
 def enqueue_study(
     redis: Redis,
     queue_name: str,

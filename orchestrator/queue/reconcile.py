@@ -36,6 +36,7 @@ from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
+from orchestrator import lifecycle
 from orchestrator.errors import MedtriageError
 from orchestrator.queue import deadletter
 from orchestrator.queue import jobs as jobqueue
@@ -108,17 +109,19 @@ def reconcile_once(pool: ConnectionPool, redis: Redis, settings: CommonSettings)
         rows = conn.execute(
             "SELECT s.id, coalesce(j.attempts, 0), j.last_error FROM studies s"
             " LEFT JOIN jobs j ON j.study_id = s.id AND j.stage = %s"
-            " WHERE s.status IN ('received', 'queued', 'processing')"
+            " WHERE s.status = ANY(%s)"
             " AND s.updated_at < now() - make_interval(secs => %s)"
             # A received study still gathering instances is the arrivals sweeper's, not
             # stale: taking it would process it half-complete, then again when complete.
             # Only once it has outlived its stable age by the stale time (no sweeper ran).
-            " AND NOT (s.status = 'received' AND EXISTS (SELECT 1 FROM study_arrivals a"
+            " AND NOT (s.status = %s AND EXISTS (SELECT 1 FROM study_arrivals a"
             "  WHERE a.study_id = s.id AND a.last_at >= now() - make_interval(secs => %s)))"
             " ORDER BY s.updated_at LIMIT %s",
             (
                 jobqueue.STAGE_PROCESS,
+                [st.value for st in lifecycle.OPEN],
                 settings.reconcile_stale_after_s,
+                lifecycle.StudyStatus.RECEIVED.value,
                 settings.ingest_stable_age_s + settings.reconcile_stale_after_s,
                 BATCH_SIZE,
             ),
@@ -139,23 +142,19 @@ def reconcile_once(pool: ConnectionPool, redis: Redis, settings: CommonSettings)
         with translate_errors(), pool.connection() as conn:
             # Touch it so the next pass waits the stale time again; create the job row if
             # the ingest died before writing it.
-            touched = conn.execute(
-                "UPDATE studies SET updated_at = now() WHERE id = %s"
-                " AND status IN ('received', 'queued', 'processing') RETURNING priority",
-                (study_id,),
-            ).fetchone()
+            priority = lifecycle.touch_open(conn, study_id)
             conn.execute(
                 "INSERT INTO jobs (id, study_id, stage, status) VALUES (%s, %s, %s, 'queued')"
                 " ON CONFLICT (id) DO NOTHING",
                 (jobqueue.job_id(study_id), study_id, jobqueue.STAGE_PROCESS),
             )
-        if touched is not None:
+        if priority is not None:
             jobqueue.requeue_study(
                 redis,
                 settings.queue_name,
                 study_id,
                 job_timeout_s=settings.job_timeout_s,
-                priority=touched[0],
+                priority=priority,
             )
             result.requeued.append(study_id)
             log.warning("study %s requeued (job %s)", study_id, state)

@@ -20,7 +20,6 @@ from psycopg_pool import ConnectionPool
 from orchestrator.errors import DependencyUnavailable, NotFound
 from orchestrator.reports import CONTENT_TYPES, EXTENSIONS, context, html, pdf, report, sc, sr
 from orchestrator.reports.context import ReportContext
-from orchestrator.store.db import claims
 from orchestrator.store.db import studies as db
 from orchestrator.store.objects import ObjectStore, report_key
 
@@ -46,7 +45,7 @@ def write_revision(conn: Connection, store: ObjectStore, study_id: UUID) -> int:
     rows = db.instances(conn, study_id)
     res = db.results(conn, study_id)
     case = db.review_case(conn, study_id)
-    revision = claims.next_revision(conn, study_id)
+    revision = db.next_revision(conn, study_id)
     body = report.to_json_bytes(report.build(study, rows, res, case))
     key = report_key(str(study["tenant_id"]), str(study_id), revision, "json")
     _put(store, key, body, "application/json")

@@ -15,7 +15,7 @@ from psycopg import Connection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from orchestrator import metrics
+from orchestrator import lifecycle, metrics
 from orchestrator.errors import BadRequest, MedtriageError, NotFound
 from orchestrator.store.db.keys import Principal
 from orchestrator.triage.gate import NORMAL_LABELS, Decision
@@ -197,11 +197,7 @@ def record_verdict(
     if row is None:
         raise ReviewConflict(_explain(conn, tenant_id, case_id, principal))
     # A reviewed study is finished.
-    conn.execute(
-        "UPDATE studies SET status = 'done', updated_at = now()"
-        " WHERE id = %s AND status = 'needs_review'",
-        (row[0],),
-    )
+    lifecycle.mark_reviewed(conn, row[0])
     return get_case(conn, tenant_id, case_id)
 
 

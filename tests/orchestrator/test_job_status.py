@@ -9,7 +9,6 @@ import pytest
 from rq import Queue
 from rq.job import Job, JobStatus
 
-from orchestrator.ingest import core as ingest
 from orchestrator.queue import jobs as jobqueue
 
 pytestmark = pytest.mark.integration
@@ -26,9 +25,9 @@ def test_a_study_is_queued_once_while_its_job_waits_or_runs(redis_url: str) -> N
         assert jobqueue.job_status(redis, study) == JobStatus.QUEUED
         assert not jobqueue.enqueue_study(redis, name, study, job_timeout_s=60)
         assert Queue(name, connection=redis).count == 1
-        assert not ingest.job_running(redis, study)
+        assert not jobqueue.job_running(redis, study)
         redis.hset(key, "status", JobStatus.STARTED.value)  # what a worker sets on taking it
-        assert ingest.job_running(redis, study)
+        assert jobqueue.job_running(redis, study)
         assert not jobqueue.enqueue_study(redis, name, study, job_timeout_s=60)
         # Finished (RQ lets the record expire after RESULT_TTL_S): queued again, as a job of
         # its own that does not expire with the old record.

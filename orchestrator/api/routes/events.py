@@ -20,6 +20,7 @@ from fastapi.responses import StreamingResponse
 from redis.asyncio import Redis as AsyncRedis
 from starlette.concurrency import run_in_threadpool
 
+from orchestrator import lifecycle
 from orchestrator.api.deps import Reader, ServicesDep, audit
 from orchestrator.deliver import events
 from orchestrator.errors import NotFound
@@ -69,7 +70,7 @@ async def _relay(
             idle = 0.0
             data = json.loads(message["data"])
             yield _sse("stage", data)
-            if until_terminal and data.get("status") in events.TERMINAL_STATUSES:
+            if until_terminal and data.get("status") in lifecycle.TERMINAL_VALUES:
                 return
     finally:
         await pubsub.unsubscribe()
@@ -88,7 +89,7 @@ async def study_events(
             row = db.get_study(conn, study_id, tenant_id=principal.tenant_id)
         status = str(row["status"]) if row is not None else "failed"
         return [_sse("status", events.payload(study_id, "snapshot", status))], (
-            status in events.TERMINAL_STATUSES
+            status in lifecycle.TERMINAL_VALUES
         )
 
     def check() -> None:

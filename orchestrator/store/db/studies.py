@@ -1,12 +1,10 @@
 """SQL for studies, series, instances, jobs and results. Rows come back as dicts.
 
-State changes are conditional updates (``... WHERE status = ANY(expected)``) so two
-processes racing on one study cannot both move it.
+A study's status is written only by ``orchestrator/lifecycle.py``.
 """
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any
 from uuid import UUID
 
@@ -14,43 +12,10 @@ from psycopg import Connection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-
-class StudyStatus(str, Enum):
-    RECEIVED = "received"
-    QUEUED = "queued"
-    PROCESSING = "processing"
-    DONE = "done"
-    FAILED = "failed"
-    NEEDS_REVIEW = "needs_review"
-    # No image of the study meets any model set's applicability rules: no result, no review.
-    NOT_APPLICABLE = "not_applicable"
-
-
-TERMINAL = (
-    StudyStatus.DONE,
-    StudyStatus.FAILED,
-    StudyStatus.NEEDS_REVIEW,
-    StudyStatus.NOT_APPLICABLE,
-)
-
 STUDY_COLUMNS = (
     "id, tenant_id, study_uid, status, priority, created_at, updated_at, queued_at,"
     " started_at, finished_at, error, timings"
 )
-
-
-def upsert_study(
-    conn: Connection, *, tenant_id: UUID, study_uid: str, priority: str, created_by: UUID | None
-) -> UUID:
-    row = conn.execute(
-        "INSERT INTO studies (tenant_id, study_uid, status, priority, created_by)"
-        " VALUES (%s, %s, 'received', %s, %s)"
-        " ON CONFLICT (tenant_id, study_uid) DO UPDATE SET updated_at = now()"
-        " RETURNING id",
-        (tenant_id, study_uid, priority, created_by),
-    ).fetchone()
-    assert row is not None
-    return UUID(str(row[0]))
 
 
 def upsert_series(conn: Connection, *, study_id: UUID, series_uid: str, modality: str) -> UUID:
@@ -128,21 +93,6 @@ def insert_instance(conn: Connection, **fields: Any) -> bool:
         fields,
     )
     return cur.rowcount == 1
-
-
-def mark_queued(
-    conn: Connection, study_id: UUID, *, expected: tuple[StudyStatus, ...]
-) -> str | None:
-    """Move the study to 'queued' only from one of ``expected``, and return its priority,
-    moved or not (one statement: the queue needs the priority either way); None when there
-    is no such study."""
-    row = conn.execute(
-        "WITH moved AS (UPDATE studies SET status = %s, error = NULL, updated_at = now(),"
-        " queued_at = now() WHERE id = %s AND status = ANY(%s) RETURNING id)"
-        " SELECT priority FROM studies WHERE id = %s",
-        (StudyStatus.QUEUED.value, study_id, [s.value for s in expected], study_id),
-    ).fetchone()
-    return str(row[0]) if row is not None else None
 
 
 def get_study(conn: Connection, study_id: UUID, *, tenant_id: UUID | None) -> dict[str, Any] | None:
@@ -309,3 +259,10 @@ def insert_report(
         " ON CONFLICT (study_id, revision, format) DO NOTHING",
         (study_id, revision, fmt, object_key),
     )
+
+
+def next_revision(conn: Connection, study_id: UUID) -> int:
+    row = conn.execute(
+        "SELECT coalesce(max(revision), 0) + 1 FROM reports WHERE study_id = %s", (study_id,)
+    ).fetchone()
+    return int(row[0]) if row else 1

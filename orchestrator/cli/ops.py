@@ -47,8 +47,8 @@ def _cmd_dead_letters(args: argparse.Namespace, settings: Any) -> int:
         pool.close()
     for row in rows:
         print(
-            f"{row['study_id']}  attempts={row['attempts']}  {row['created_at']:%Y-%m-%d %H:%M:%S}"
-            f"  {row['reason']}"
+            f"{row.study_id}  attempts={row.attempts}  {row.created_at:%Y-%m-%d %H:%M:%S}"
+            f"  {row.reason}"
         )
     print(f"{total} dead letter(s)")
     return 0

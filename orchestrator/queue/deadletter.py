@@ -8,17 +8,16 @@ worker died each time, or a dependency stayed down through every retry). It is m
 
 from __future__ import annotations
 
-from typing import Any
 from uuid import UUID
 
 from psycopg import Connection
-from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 from redis import Redis
 
 from orchestrator import lifecycle
 from orchestrator.queue import jobs as jobqueue
-from orchestrator.store.db import translate_errors
+from orchestrator.store.db import dead_letters, translate_errors
+from orchestrator.store.db import studies as db
 
 
 def add(conn: Connection, study_id: UUID, *, reason: str, attempts: int) -> bool:
@@ -28,27 +27,21 @@ def add(conn: Connection, study_id: UUID, *, reason: str, attempts: int) -> bool
     )
     if tenant_id is None:
         return False
-    conn.execute(
-        "INSERT INTO dead_letters (study_id, tenant_id, job_id, reason, attempts)"
-        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (study_id) DO UPDATE SET"
-        " reason = EXCLUDED.reason, attempts = EXCLUDED.attempts, created_at = now()",
-        (study_id, tenant_id, jobqueue.job_id(study_id), reason, attempts),
+    dead_letters.insert(
+        conn,
+        study_id=study_id,
+        tenant_id=tenant_id,
+        job_id=jobqueue.job_id(study_id),
+        reason=reason,
+        attempts=attempts,
     )
     return True
 
 
 def list_items(
     conn: Connection, *, limit: int, offset: int = 0
-) -> tuple[list[dict[str, Any]], int]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        total = cur.execute("SELECT count(*) AS n FROM dead_letters").fetchone()
-        rows = cur.execute(
-            "SELECT d.study_id, d.tenant_id, d.job_id, d.reason, d.attempts, d.created_at,"
-            " s.status FROM dead_letters d JOIN studies s ON s.id = d.study_id"
-            " ORDER BY d.created_at DESC, d.study_id LIMIT %s OFFSET %s",
-            (limit, offset),
-        ).fetchall()
-    return rows, int(total["n"]) if total else 0
+) -> tuple[list[dead_letters.DeadLetter], int]:
+    return dead_letters.page(conn, limit=limit, offset=offset)
 
 
 def requeue(
@@ -61,24 +54,18 @@ def requeue(
 ) -> list[UUID]:
     """Send dead letters back (all when ``study_ids`` is None); return the ids requeued."""
     with translate_errors(), pool.connection() as conn:
-        if study_ids is None:
-            rows = conn.execute("SELECT study_id FROM dead_letters ORDER BY created_at").fetchall()
-        else:
-            rows = conn.execute(
-                "SELECT study_id FROM dead_letters WHERE study_id = ANY(%s)", (study_ids,)
-            ).fetchall()
-        ids = [UUID(str(r[0])) for r in rows]
+        ids = dead_letters.study_ids(conn, study_ids)
         priorities: dict[UUID, str] = {}
         for study_id in ids:
-            conn.execute("DELETE FROM dead_letters WHERE study_id = %s", (study_id,))
+            dead_letters.delete(conn, study_id)
             priority = lifecycle.requeue_dead_letter(conn, study_id)
             if priority is not None:
                 priorities[study_id] = priority
-            conn.execute(
-                "INSERT INTO jobs (id, study_id, stage, status) VALUES (%s, %s, %s, 'queued')"
-                " ON CONFLICT (id) DO UPDATE SET status = 'queued', attempts = 0,"
-                " last_error = NULL, updated_at = now()",
-                (jobqueue.job_id(study_id), study_id, jobqueue.STAGE_PROCESS),
+            db.reset_job(
+                conn,
+                job_id=jobqueue.job_id(study_id),
+                study_id=study_id,
+                stage=jobqueue.STAGE_PROCESS,
             )
     # After the commit: if Redis fails here the studies are 'queued' in PostgreSQL and the
     # reconciler enqueues them.

@@ -41,6 +41,7 @@ from orchestrator.errors import MedtriageError
 from orchestrator.queue import deadletter
 from orchestrator.queue import jobs as jobqueue
 from orchestrator.settings import CommonSettings
+from orchestrator.store.db import studies as db
 from orchestrator.store.db import translate_errors
 
 log = logging.getLogger(__name__)
@@ -106,28 +107,16 @@ def reconcile_once(pool: ConnectionPool, redis: Redis, settings: CommonSettings)
     """One pass over the open studies; requeue or dead-letter those nobody will run."""
     result = Pass()
     with translate_errors(), pool.connection() as conn:
-        rows = conn.execute(
-            "SELECT s.id, coalesce(j.attempts, 0), j.last_error FROM studies s"
-            " LEFT JOIN jobs j ON j.study_id = s.id AND j.stage = %s"
-            " WHERE s.status = ANY(%s)"
-            " AND s.updated_at < now() - make_interval(secs => %s)"
-            # A received study still gathering instances is the arrivals sweeper's, not
-            # stale: taking it would process it half-complete, then again when complete.
-            # Only once it has outlived its stable age by the stale time (no sweeper ran).
-            " AND NOT (s.status = %s AND EXISTS (SELECT 1 FROM study_arrivals a"
-            "  WHERE a.study_id = s.id AND a.last_at >= now() - make_interval(secs => %s)))"
-            " ORDER BY s.updated_at LIMIT %s",
-            (
-                jobqueue.STAGE_PROCESS,
-                [st.value for st in lifecycle.OPEN],
-                settings.reconcile_stale_after_s,
-                lifecycle.StudyStatus.RECEIVED.value,
-                settings.ingest_stable_age_s + settings.reconcile_stale_after_s,
-                BATCH_SIZE,
-            ),
-        ).fetchall()
-    for raw_id, attempts, last_error in rows:
-        study_id = UUID(str(raw_id))
+        rows = db.stale_open(
+            conn,
+            stage=jobqueue.STAGE_PROCESS,
+            open_states=[st.value for st in lifecycle.OPEN],
+            received=lifecycle.StudyStatus.RECEIVED.value,
+            stale_after_s=settings.reconcile_stale_after_s,
+            gathering_s=settings.ingest_stable_age_s + settings.reconcile_stale_after_s,
+            limit=BATCH_SIZE,
+        )
+    for study_id, attempts, last_error in rows:
         result.checked += 1
         state = job_state(redis, settings.queue_prefix, settings.queue_name, study_id)
         if state == ACTIVE:
@@ -143,10 +132,11 @@ def reconcile_once(pool: ConnectionPool, redis: Redis, settings: CommonSettings)
             # Touch it so the next pass waits the stale time again; create the job row if
             # the ingest died before writing it.
             priority = lifecycle.touch_open(conn, study_id)
-            conn.execute(
-                "INSERT INTO jobs (id, study_id, stage, status) VALUES (%s, %s, %s, 'queued')"
-                " ON CONFLICT (id) DO NOTHING",
-                (jobqueue.job_id(study_id), study_id, jobqueue.STAGE_PROCESS),
+            db.ensure_job(
+                conn,
+                job_id=jobqueue.job_id(study_id),
+                study_id=study_id,
+                stage=jobqueue.STAGE_PROCESS,
             )
         if priority is not None:
             jobqueue.requeue_study(

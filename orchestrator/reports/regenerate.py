@@ -38,7 +38,7 @@ def write_revision(conn: Connection, store: ObjectStore, study_id: UUID) -> int:
     """Write the next JSON revision of ``study_id``'s report in the caller's transaction (so a
     verdict and its report revision commit together); return its number."""
     # The study row lock serialises revision numbers with the worker's report writer.
-    conn.execute("SELECT 1 FROM studies WHERE id = %s FOR UPDATE", (study_id,))
+    db.lock_study(conn, study_id)
     study = db.get_study(conn, study_id, tenant_id=None)
     if study is None:
         raise NotFound(f"study {study_id} not found")
@@ -76,7 +76,7 @@ def rendered(
     for one format render it once and both get the stored object.
     """
     with pool.connection() as conn:
-        conn.execute("SELECT 1 FROM studies WHERE id = %s FOR UPDATE", (study_id,))
+        db.lock_study(conn, study_id)
         rows = db.reports(conn, study_id)
         revisions = sorted({r["revision"] for r in rows if r["format"] == "json"}, reverse=True)
         if not revisions:

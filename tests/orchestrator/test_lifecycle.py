@@ -31,8 +31,8 @@ def test_state_sets_partition_the_statuses() -> None:
     assert set(lifecycle.OPEN) | set(lifecycle.TERMINAL) == every
     assert not set(lifecycle.OPEN) & set(lifecycle.TERMINAL)
     assert set(lifecycle.CLAIMABLE) <= set(lifecycle.OPEN)
-    assert lifecycle.TERMINAL_VALUES == {s.value for s in lifecycle.TERMINAL}
-    assert lifecycle.OPEN_VALUES == {s.value for s in lifecycle.OPEN}
+    assert {s.value for s in lifecycle.TERMINAL} == lifecycle.TERMINAL_VALUES
+    assert {s.value for s in lifecycle.OPEN} == lifecycle.OPEN_VALUES
     # A study already queued or running is never queued again by ``queue``; a finished one
     # that gains instances is, except not_applicable (its images never meet a model set).
     assert set(lifecycle.QUEUEABLE) == every - {

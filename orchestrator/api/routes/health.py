@@ -10,6 +10,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from orchestrator.api.deps import ServicesDep
+from orchestrator.store.db.pool import ping
 
 router = APIRouter(tags=["health"])
 
@@ -21,7 +22,7 @@ def healthz() -> dict[str, str]:
 
 def _check_postgres(services: Any) -> None:
     with services.pool.connection(timeout=services.settings.readiness_timeout_s) as conn:
-        conn.execute("SELECT 1")
+        ping(conn)
 
 
 def _check_redis(services: Any) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -12,6 +12,7 @@ from orchestrator.api.deps import ServicesDep, audit, require
 from orchestrator.errors import BadRequest
 from orchestrator.queue import deadletter
 from orchestrator.store.db import translate_errors
+from orchestrator.store.db.dead_letters import DeadLetter
 from orchestrator.store.db.keys import Principal
 
 router = APIRouter(prefix="/v1/dead-letters", tags=["operations"])
@@ -44,15 +45,15 @@ class RequeueResult(BaseModel):
     requeued: list[str]
 
 
-def _public(row: dict[str, Any]) -> DeadLetterPublic:
+def _public(row: DeadLetter) -> DeadLetterPublic:
     return DeadLetterPublic(
-        study_id=str(row["study_id"]),
-        tenant_id=str(row["tenant_id"]),
-        job_id=row["job_id"],
-        reason=row["reason"],
-        attempts=int(row["attempts"]),
-        status=row["status"],
-        created_at=row["created_at"].isoformat(),
+        study_id=str(row.study_id),
+        tenant_id=str(row.tenant_id),
+        job_id=row.job_id,
+        reason=row.reason,
+        attempts=row.attempts,
+        status=row.status,
+        created_at=row.created_at.isoformat(),
     )
 
 

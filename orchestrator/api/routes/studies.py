@@ -308,13 +308,10 @@ def get_preview(
 ) -> Response:
     _load(services, principal, study_id)
     with translate_errors(), services.pool.connection() as conn:
-        row = conn.execute(
-            "SELECT preview_key FROM instances WHERE id = %s AND study_id = %s",
-            (instance_id, study_id),
-        ).fetchone()
-    if row is None or row[0] is None:
+        key = db.preview_key(conn, study_id, instance_id)
+    if key is None:
         raise NotFound(f"no preview for instance {instance_id}")
-    data = services.store.get(row[0])
+    data = services.store.get(key)
     audit(
         request,
         services,

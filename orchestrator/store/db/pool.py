@@ -119,3 +119,8 @@ def translate_errors() -> Iterator[None]:
         if is_busy(exc):
             raise DependencyBusy("postgresql", type(exc).__name__) from exc
         raise
+
+
+def ping(conn: psycopg.Connection) -> None:
+    """One round trip: the readiness probe's proof that PostgreSQL answers."""
+    conn.execute("SELECT 1")

@@ -213,6 +213,25 @@ def upsert_job(conn: Connection, *, job_id: str, study_id: UUID, stage: str) -> 
     )
 
 
+def ensure_job(conn: Connection, *, job_id: str, study_id: UUID, stage: str) -> None:
+    """The job row, if the ingest died before writing it (an existing row is left as is)."""
+    conn.execute(
+        "INSERT INTO jobs (id, study_id, stage, status) VALUES (%s, %s, %s, 'queued')"
+        " ON CONFLICT (id) DO NOTHING",
+        (job_id, study_id, stage),
+    )
+
+
+def reset_job(conn: Connection, *, job_id: str, study_id: UUID, stage: str) -> None:
+    """Queued again with its attempts cleared (a dead letter sent back)."""
+    conn.execute(
+        "INSERT INTO jobs (id, study_id, stage, status) VALUES (%s, %s, %s, 'queued')"
+        " ON CONFLICT (id) DO UPDATE SET status = 'queued', attempts = 0,"
+        " last_error = NULL, updated_at = now()",
+        (job_id, study_id, stage),
+    )
+
+
 def start_attempt(conn: Connection, *, job_id: str, worker: str) -> int:
     row = conn.execute(
         "UPDATE jobs SET status = 'started', attempts = attempts + 1, updated_at = now()"
@@ -266,3 +285,44 @@ def next_revision(conn: Connection, study_id: UUID) -> int:
         "SELECT coalesce(max(revision), 0) + 1 FROM reports WHERE study_id = %s", (study_id,)
     ).fetchone()
     return int(row[0]) if row else 1
+
+
+def lock_study(conn: Connection, study_id: UUID) -> None:
+    """Hold the study row for this transaction (serialises report revisions per study)."""
+    conn.execute("SELECT 1 FROM studies WHERE id = %s FOR UPDATE", (study_id,))
+
+
+def preview_key(conn: Connection, study_id: UUID, instance_id: UUID) -> str | None:
+    row = conn.execute(
+        "SELECT preview_key FROM instances WHERE id = %s AND study_id = %s",
+        (instance_id, study_id),
+    ).fetchone()
+    return str(row[0]) if row is not None and row[0] is not None else None
+
+
+def stale_open(
+    conn: Connection,
+    *,
+    stage: str,
+    open_states: list[str],
+    received: str,
+    stale_after_s: float,
+    gathering_s: float,
+    limit: int,
+) -> list[tuple[UUID, int, str | None]]:
+    """Open studies untouched for ``stale_after_s``: (id, job attempts, last job error).
+
+    A received study still gathering instances (an arrival within ``gathering_s``) is the
+    arrivals sweeper's, not stale: taking it would process it half-complete, then again when
+    complete. Only once it has outlived its stable age by the stale time (no sweeper ran)."""
+    rows = conn.execute(
+        "SELECT s.id, coalesce(j.attempts, 0), j.last_error FROM studies s"
+        " LEFT JOIN jobs j ON j.study_id = s.id AND j.stage = %s"
+        " WHERE s.status = ANY(%s)"
+        " AND s.updated_at < now() - make_interval(secs => %s)"
+        " AND NOT (s.status = %s AND EXISTS (SELECT 1 FROM study_arrivals a"
+        "  WHERE a.study_id = s.id AND a.last_at >= now() - make_interval(secs => %s)))"
+        " ORDER BY s.updated_at LIMIT %s",
+        (stage, open_states, stale_after_s, received, gathering_s, limit),
+    ).fetchall()
+    return [(UUID(str(r[0])), int(r[1]), r[2]) for r in rows]

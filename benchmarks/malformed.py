@@ -72,7 +72,7 @@ BASELINE = [
     "the stack: `medtriage import` ended with a psycopg DataError traceback after 6.5 s (a NUL in"
     " a UID); after that fix it spent > 300 s on the 25,000-member zip, then peaked at 1,992 MiB"
     " on the zip member that understates its size",
-    "tests/orchestrator/test_malformed_inputs.py with the fixes reverted: REST and STOW requests"
+    "tests/orchestrator/ingest/test_malformed_inputs.py with the fixes reverted: REST and STOW requests"
     " timed out (> 60 s, the API's event loop held by a deflate bomb), the import was killed at"
     " 120 s",
 ]

@@ -42,7 +42,7 @@ from orchestrator.inference.specs import ModelConfigError, load_model_spec, read
 
 pytestmark = pytest.mark.integration
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 MODEL = "toy"
 # Float32 through the same ORT kernels on both sides; only summation order may differ.
 RTOL = 1e-5

@@ -16,7 +16,7 @@ from orchestrator.inference.specs import (
     load_repository,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 IMAGE = TensorSpec("image", "FP32", (1, 28, 28))
 PROBS = TensorSpec("probs", "FP32", (2,), "labels.txt")

@@ -91,7 +91,7 @@ def _write_report() -> None:
         "# Fault injection figures",
         "",
         "Made by `MEDTRIAGE_FAULTS_REPORT=benchmarks/results/faults.md .venv/bin/python -m pytest"
-        " tests/orchestrator/test_faults.py -m 'integration'` (add `or slow` for the long"
+        " tests/orchestrator/queue/test_faults.py -m 'integration'` (add `or slow` for the long"
         " variants). Real processes on loopback: API, 2 RQ workers, own redis-server,"
         " PostgreSQL, moto S3 behind a TCP proxy, tritonserver (CPU).",
         "",

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from psycopg import Connection
 
+from orchestrator.store.db import models as db
+
 REFERENCE_FILE = "reference.json"
 # Added to every bin share so empty bins keep PSI and log ratios finite (a common choice;
 # small against a 1/20 uniform share).
@@ -114,12 +116,7 @@ def compare(model: str, version: int, reference: Reference, live: list[float]) -
 
 def live_confidences(conn: Connection[Any], model: str, version: int, window: int) -> list[float]:
     """The newest ``window`` live top-class confidences of one model version."""
-    rows = conn.execute(
-        "SELECT confidence FROM results WHERE model = %s AND version = %s AND arm = 'live'"
-        " ORDER BY created_at DESC LIMIT %s",
-        (model, version, window),
-    ).fetchall()
-    return [float(r[0]) for r in rows]
+    return db.live_confidences(conn, model, version, window)
 
 
 @dataclass(frozen=True)
@@ -133,36 +130,12 @@ class Quality:
     review_agreement: float | None
 
 
-_QUALITY_SQL = """
-WITH recent AS (
-    SELECT DISTINCT study_id FROM (
-        SELECT study_id FROM results
-        WHERE model = %(model)s AND version = %(version)s
-        ORDER BY created_at DESC LIMIT %(window)s
-    ) r
-)
-SELECT
-    (SELECT count(*) FROM recent),
-    (SELECT count(*) FROM recent JOIN review_cases c USING (study_id)),
-    (SELECT count(*) FROM recent JOIN review_cases c USING (study_id) WHERE c.verdict IS NOT NULL),
-    (SELECT count(*) FROM recent JOIN review_cases c USING (study_id) WHERE c.verdict = 'agree'),
-    (SELECT count(*) FILTER (WHERE a.label = b.label)::float8 / NULLIF(count(*), 0)
-       FROM results a JOIN results b
-         ON a.instance_id = b.instance_id AND a.model = b.model AND a.version <> b.version
-        AND a.arm <> b.arm
-      WHERE a.model = %(model)s AND a.version = %(version)s
-        AND a.study_id IN (SELECT study_id FROM recent))
-"""
-
-
 def quality(conn: Connection[Any], model: str, version: int, window: int) -> Quality:
     """Share of this version's studies sent to review, agreement with the other arm on the
     same images (shadow vs live) and the share of closed reviews whose verdict was 'agree'."""
-    row = conn.execute(
-        _QUALITY_SQL, {"model": model, "version": version, "window": window}
-    ).fetchone()
-    assert row is not None
-    studies, reviewed, verdicts, agreed, arm_agreement = row
+    studies, reviewed, verdicts, agreed, arm_agreement = db.quality_counts(
+        conn, model, version, window
+    )
     return Quality(
         model,
         version,

@@ -7,16 +7,14 @@ model control loads and unloads versions.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from psycopg import Connection
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
 from orchestrator.errors import BadRequest, MedtriageError, NotFound
 from orchestrator.inference.routing import Route, load_routes
+from orchestrator.store.db import models as db
 
 
 class RolloutError(BadRequest):
@@ -50,10 +48,6 @@ class Gate:
     max_review_share: float = 0.5
 
 
-def _routes_json(routes: list[Route]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in routes]
-
-
 def _event(
     conn: Connection,
     model: str,
@@ -63,27 +57,14 @@ def _event(
     after: list[Route],
     detail: dict[str, Any] | None = None,
 ) -> None:
-    conn.execute(
-        "INSERT INTO model_events (model, action, actor, before, after, detail)"
-        " VALUES (%s, %s, %s, %s, %s, %s)",
-        (
-            model,
-            action,
-            actor,
-            Jsonb(_routes_json(before)),
-            Jsonb(_routes_json(after)),
-            Jsonb(detail or {}),
-        ),
-    )
+    db.insert_event(conn, model, action, actor, before, after, detail)
 
 
 def _known_versions(conn: Connection, model: str) -> set[int]:
-    rows = conn.execute(
-        "SELECT version FROM model_versions WHERE model = %s AND state <> 'retired'", (model,)
-    ).fetchall()
-    if not rows:
+    known = db.known_versions(conn, model)
+    if not known:
         raise NotFound(f"unknown model {model!r}")
-    return {int(r[0]) for r in rows}
+    return known
 
 
 def parse_weights(pairs: list[str]) -> dict[int, int]:
@@ -127,19 +108,13 @@ def set_weights(
             )
     before = load_routes(conn, model)
     shadows = {r.version for r in before if r.shadow}
-    conn.execute("DELETE FROM model_routes WHERE model = %s AND NOT shadow", (model,))
+    db.delete_routes(conn, model, shadow=False)
     for version, weight in sorted(weights.items()):
         if weight == 0:
             continue
         if version in shadows:  # a version cannot be live and shadow at once
-            conn.execute(
-                "DELETE FROM model_routes WHERE model = %s AND version = %s", (model, version)
-            )
-        conn.execute(
-            "INSERT INTO model_routes (model, version, weight, shadow, updated_by)"
-            " VALUES (%s, %s, %s, false, %s)",
-            (model, version, weight, actor),
-        )
+            db.delete_routes(conn, model, version=version)
+        db.insert_route(conn, model, Route(version, weight, False), actor=actor)
     after = load_routes(conn, model)
     _event(conn, model, action, actor, before, after)
     return after
@@ -151,11 +126,7 @@ def add_shadow(conn: Connection, model: str, version: int, *, actor: str) -> lis
     before = load_routes(conn, model)
     if any(r.version == version and not r.shadow for r in before):
         raise RolloutError(f"{model} v{version} is live; a live version cannot also be a shadow")
-    conn.execute(
-        "INSERT INTO model_routes (model, version, weight, shadow, updated_by)"
-        " VALUES (%s, %s, 0, true, %s) ON CONFLICT (model, version) DO NOTHING",
-        (model, version, actor),
-    )
+    db.insert_route(conn, model, Route(version, 0, True), actor=actor, if_absent=True)
     after = load_routes(conn, model)
     _event(conn, model, "shadow_add", actor, before, after, {"version": version})
     return after
@@ -163,9 +134,7 @@ def add_shadow(conn: Connection, model: str, version: int, *, actor: str) -> lis
 
 def remove_shadow(conn: Connection, model: str, version: int, *, actor: str) -> list[Route]:
     before = load_routes(conn, model)
-    conn.execute(
-        "DELETE FROM model_routes WHERE model = %s AND version = %s AND shadow", (model, version)
-    )
+    db.delete_routes(conn, model, version=version, shadow=True)
     after = load_routes(conn, model)
     _event(conn, model, "shadow_remove", actor, before, after, {"version": version})
     return after
@@ -185,65 +154,22 @@ def failover(conn: Connection, model: str, lost: int, *, actor: str, reason: str
 
 
 def get_gate(conn: Connection, model: str) -> Gate:
-    row = conn.execute(
-        "SELECT min_results, min_agreement, max_review_share FROM model_gates WHERE model = %s",
-        (model,),
-    ).fetchone()
-    return Gate(int(row[0]), float(row[1]), float(row[2])) if row else Gate()
+    row = db.get_gate(conn, model)
+    return Gate(*row) if row else Gate()
 
 
 def set_gate(conn: Connection, model: str, gate: Gate) -> None:
-    conn.execute(
-        "INSERT INTO model_gates (model, min_results, min_agreement, max_review_share)"
-        " VALUES (%s, %s, %s, %s) ON CONFLICT (model) DO UPDATE SET"
-        " min_results = EXCLUDED.min_results, min_agreement = EXCLUDED.min_agreement,"
-        " max_review_share = EXCLUDED.max_review_share, updated_at = now()",
-        (model, gate.min_results, gate.min_agreement, gate.max_review_share),
+    db.set_gate(
+        conn,
+        model,
+        min_results=gate.min_results,
+        min_agreement=gate.min_agreement,
+        max_review_share=gate.max_review_share,
     )
 
 
-_COMPARE_SQL = """
-WITH r AS (
-    SELECT res.*, s.id AS sid
-    FROM results res JOIN studies s ON s.id = res.study_id
-    WHERE res.model = %(model)s AND res.version = ANY(%(versions)s)
-),
-live AS (
-    SELECT instance_id, label FROM results WHERE model = %(model)s AND arm = 'live'
-),
-truth AS (
-    SELECT rc.study_id,
-           CASE WHEN rc.verdict = 'override' THEN rc.correct_label END AS override_label,
-           rc.verdict
-    FROM review_cases rc WHERE rc.status = 'closed'
-)
-SELECT r.version,
-       CASE WHEN bool_or(r.arm = 'live') THEN 'live' ELSE 'shadow' END AS arm,
-       count(*) AS results,
-       count(DISTINCT r.sid) AS studies,
-       avg((r.label = l.label)::int) FILTER (WHERE r.arm = 'shadow') AS agreement_with_live,
-       avg((r.label = coalesce(t.override_label, l.label))::int)
-           FILTER (WHERE t.verdict IS NOT NULL) AS agreement_with_review,
-       count(*) FILTER (WHERE t.verdict IS NOT NULL) AS reviewed,
-       avg(r.confidence) AS mean_confidence,
-       percentile_cont(0.1) WITHIN GROUP (ORDER BY r.confidence) AS p10_confidence,
-       (count(DISTINCT r.sid) FILTER (WHERE EXISTS (
-            SELECT 1 FROM review_cases rc WHERE rc.study_id = r.sid)))::float
-           / nullif(count(DISTINCT r.sid), 0) AS review_share,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY r.latency_ms) AS p50_latency_ms,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY r.latency_ms) AS p95_latency_ms
-FROM r
-LEFT JOIN live l ON l.instance_id = r.instance_id
-LEFT JOIN truth t ON t.study_id = r.sid
-GROUP BY r.version
-ORDER BY r.version
-"""
-
-
 def compare(conn: Connection, model: str, versions: list[int]) -> list[VersionStats]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(_COMPARE_SQL, {"model": model, "versions": versions}).fetchall()
-    found = {int(r["version"]): r for r in rows}
+    found = db.version_figures(conn, model, versions)
     out = []
     for v in versions:
         r = found.get(v)
@@ -320,47 +246,31 @@ def promote(
             + " (use --force to override)"
         )
     before = load_routes(conn, model)
-    conn.execute(
-        "DELETE FROM model_routes WHERE model = %s AND version = %s AND shadow", (model, version)
-    )
+    db.delete_routes(conn, model, version=version, shadow=True)
     after = set_weights(conn, model, {version: 100}, actor=actor, loaded=loaded, action="promote")
-    conn.execute(
-        "UPDATE model_events SET before = %s, detail = %s WHERE id = (SELECT max(id) FROM"
-        " model_events WHERE model = %s)",
-        (
-            Jsonb(_routes_json(before)),
-            Jsonb(
-                {
-                    "version": version,
-                    "forced": bool(failures),
-                    "gate_failures": failures,
-                    "stats": asdict(stats),
-                }
-            ),
-            model,
-        ),
+    db.amend_last_event(
+        conn,
+        model,
+        before=before,
+        detail={
+            "version": version,
+            "forced": bool(failures),
+            "gate_failures": failures,
+            "stats": asdict(stats),
+        },
     )
     return after
 
 
 def rollback(conn: Connection, model: str, *, actor: str) -> list[Route]:
     """Restore the routes that were in force before the last route change."""
-    row = conn.execute(
-        "SELECT before FROM model_events WHERE model = %s AND action IN"
-        " ('route', 'promote', 'failover') ORDER BY id DESC LIMIT 1",
-        (model,),
-    ).fetchone()
-    if row is None:
+    previous = db.routes_before_last_change(conn, model)
+    if previous is None:
         raise RolloutError(f"{model} has no route change to roll back")
-    previous = [Route(**r) for r in (row[0] if isinstance(row[0], list) else json.loads(row[0]))]
     before = load_routes(conn, model)
-    conn.execute("DELETE FROM model_routes WHERE model = %s", (model,))
+    db.delete_routes(conn, model)
     for r in previous:
-        conn.execute(
-            "INSERT INTO model_routes (model, version, weight, shadow, updated_by)"
-            " VALUES (%s, %s, %s, %s, %s)",
-            (model, r.version, r.weight, r.shadow, actor),
-        )
+        db.insert_route(conn, model, r, actor=actor)
     after = load_routes(conn, model)
     _event(conn, model, "rollback", actor, before, after)
     return after

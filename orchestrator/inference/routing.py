@@ -11,15 +11,13 @@ from dataclasses import dataclass
 
 from psycopg import Connection
 
+from orchestrator.store.db import models as db
+from orchestrator.store.db.models import Route, load_all_routes, load_routes
+
+__all__ = ["Choice", "Route", "bucket", "choose", "load_all_routes", "load_routes", "sync_versions"]
+
 # Hash space for the split: weights are integer percentages.
 _BUCKETS = 100
-
-
-@dataclass(frozen=True)
-class Route:
-    version: int
-    weight: int
-    shadow: bool
 
 
 @dataclass(frozen=True)
@@ -55,35 +53,8 @@ def sync_versions(conn: Connection, available: dict[str, tuple[int, ...]]) -> No
     """Register the repository's versions; give a model with no routes 100 % on its newest."""
     for model, versions in available.items():
         for version in versions:
-            conn.execute(
-                "INSERT INTO model_versions (model, version) VALUES (%s, %s)"
-                " ON CONFLICT DO NOTHING",
-                (model, version),
+            db.register_version(conn, model, version)
+        if versions and not db.has_routes(conn, model):
+            db.insert_route(
+                conn, model, Route(max(versions), 100, False), actor="default", if_absent=True
             )
-        has_routes = conn.execute(
-            "SELECT 1 FROM model_routes WHERE model = %s LIMIT 1", (model,)
-        ).fetchone()
-        if not has_routes and versions:
-            conn.execute(
-                "INSERT INTO model_routes (model, version, weight, updated_by)"
-                " VALUES (%s, %s, 100, 'default') ON CONFLICT DO NOTHING",
-                (model, max(versions)),
-            )
-
-
-def load_routes(conn: Connection, model: str) -> list[Route]:
-    rows = conn.execute(
-        "SELECT version, weight, shadow FROM model_routes WHERE model = %s ORDER BY version",
-        (model,),
-    ).fetchall()
-    return [Route(version=int(v), weight=int(w), shadow=bool(s)) for v, w, s in rows]
-
-
-def load_all_routes(conn: Connection) -> dict[str, list[Route]]:
-    """Every model's routes in one query (a worker reads them once per study)."""
-    out: dict[str, list[Route]] = {}
-    for model, v, w, s in conn.execute(
-        "SELECT model, version, weight, shadow FROM model_routes ORDER BY model, version"
-    ).fetchall():
-        out.setdefault(str(model), []).append(Route(version=int(v), weight=int(w), shadow=bool(s)))
-    return out

@@ -32,10 +32,10 @@ from uuid import UUID
 
 import numpy as np
 from psycopg import Connection
-from psycopg.rows import dict_row
 
 from orchestrator.errors import BadRequest
 from orchestrator.inference.specs import ModelSpec
+from orchestrator.store.db import models as db
 from orchestrator.triage import findings
 
 LOW_CONFIDENCE = "low_confidence"
@@ -120,11 +120,7 @@ def _stored(conn: Connection, models: list[str]) -> _Stored:
     """Every threshold row of ``models``, by (model, version)."""
     return {
         (str(m), int(v)): Thresholds(float(c), float(e), float(p))
-        for m, v, c, e, p in conn.execute(
-            "SELECT model, version, min_confidence, max_entropy, critical_probability"
-            " FROM gate_thresholds WHERE model = ANY(%s)",
-            (models,),
-        ).fetchall()
+        for m, v, c, e, p in db.threshold_rows(conn, models)
     }
 
 
@@ -188,12 +184,7 @@ def effective_thresholds(
 
 def list_thresholds(conn: Connection, model: str) -> list[dict[str, Any]]:
     """The model's stored rows (version 0 = every version without its own row)."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(
-            "SELECT model, version, min_confidence, max_entropy, critical_probability,"
-            " updated_by, updated_at FROM gate_thresholds WHERE model = %s ORDER BY version",
-            (model,),
-        ).fetchall()
+    return db.list_thresholds(conn, model)
 
 
 def set_thresholds(
@@ -202,14 +193,14 @@ def set_thresholds(
     t.check()
     if version < 0:
         raise BadRequest(f"version must be >= 0 (0 = the model's default), not {version}")
-    conn.execute(
-        "INSERT INTO gate_thresholds (model, version, min_confidence, max_entropy,"
-        " critical_probability, updated_by) VALUES (%s, %s, %s, %s, %s, %s)"
-        " ON CONFLICT (model, version) DO UPDATE SET min_confidence = EXCLUDED.min_confidence,"
-        " max_entropy = EXCLUDED.max_entropy,"
-        " critical_probability = EXCLUDED.critical_probability,"
-        " updated_by = EXCLUDED.updated_by, updated_at = now()",
-        (model, version, t.min_confidence, t.max_entropy, t.critical_probability, actor),
+    db.set_thresholds(
+        conn,
+        model,
+        version,
+        min_confidence=t.min_confidence,
+        max_entropy=t.max_entropy,
+        critical_probability=t.critical_probability,
+        actor=actor,
     )
 
 

@@ -12,11 +12,10 @@ from typing import Any
 from uuid import UUID
 
 from psycopg import Connection
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
 from orchestrator import lifecycle, metrics
 from orchestrator.errors import BadRequest, MedtriageError, NotFound
+from orchestrator.store.db import review_cases as db
 from orchestrator.store.db.keys import Principal
 from orchestrator.triage.gate import NORMAL_LABELS, Decision
 
@@ -45,24 +44,14 @@ class InvalidVerdict(BadRequest):
 
 def open_case(conn: Connection, study: dict[str, Any], decision: Decision) -> None:
     """Open (once per study) the review case the gate asked for."""
-    conn.execute(
-        "INSERT INTO review_cases (tenant_id, study_id, reasons, urgency, details)"
-        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (study_id) DO NOTHING",
-        (
-            study["tenant_id"],
-            study["id"],
-            decision.reasons,
-            decision.urgency,
-            Jsonb(decision.details),
-        ),
+    db.insert_case(
+        conn,
+        tenant_id=study["tenant_id"],
+        study_id=study["id"],
+        reasons=decision.reasons,
+        urgency=decision.urgency,
+        details=decision.details,
     )
-
-
-_CASE_COLUMNS = (
-    "rc.id, rc.study_id, rc.reasons, rc.urgency, rc.status, rc.claimed_by, rc.claimed_by_name,"
-    " rc.claimed_at, rc.verdict, rc.correct_label, rc.note, rc.verdict_by_name, rc.closed_at,"
-    " rc.created_at, rc.details, s.priority, s.study_uid"
-)
 
 
 def queue(
@@ -73,37 +62,18 @@ def queue(
     limit: int = 50,
 ) -> list[dict[str, Any]]:
     """Cases of a tenant, most urgent first (critical findings, then STAT), then oldest."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(
-            f"SELECT {_CASE_COLUMNS} FROM review_cases rc JOIN studies s ON s.id = rc.study_id"
-            " WHERE rc.tenant_id = %s AND rc.status = ANY(%s)"
-            " ORDER BY rc.urgency DESC, rc.created_at, rc.id LIMIT %s",
-            (tenant_id, list(statuses), min(limit, MAX_QUEUE_PAGE)),
-        ).fetchall()
+    return db.cases(conn, tenant_id, statuses=list(statuses), limit=min(limit, MAX_QUEUE_PAGE))
 
 
 def get_case(conn: Connection, tenant_id: UUID, case_id: UUID) -> dict[str, Any]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(
-            f"SELECT {_CASE_COLUMNS} FROM review_cases rc JOIN studies s ON s.id = rc.study_id"
-            " WHERE rc.id = %s AND rc.tenant_id = %s",
-            (case_id, tenant_id),
-        ).fetchone()
+    row = db.case(conn, tenant_id, case_id)
     if row is None:
         raise CaseNotFound(case_id)
     return row
 
 
-def case_results(conn: Connection, study_id: UUID) -> list[dict[str, Any]]:
-    """Every result of the case's study (live and shadow) with its instance's preview state."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(
-            "SELECT r.instance_id, r.model, r.version, r.arm, r.label, r.confidence, r.findings,"
-            " r.outputs, i.preview_key IS NOT NULL AS has_preview, i.warnings"
-            " FROM results r JOIN instances i ON i.id = r.instance_id"
-            " WHERE r.study_id = %s ORDER BY i.created_at, r.model, r.arm, r.version",
-            (study_id,),
-        ).fetchall()
+# The case view shows the study's results beside the case.
+case_results = db.case_results
 
 
 def _explain(conn: Connection, tenant_id: UUID, case_id: UUID, principal: Principal) -> str:
@@ -118,12 +88,7 @@ def _explain(conn: Connection, tenant_id: UUID, case_id: UUID, principal: Princi
 
 
 def claim(conn: Connection, tenant_id: UUID, case_id: UUID, principal: Principal) -> dict[str, Any]:
-    row = conn.execute(
-        "UPDATE review_cases SET status = 'claimed', claimed_by = %s, claimed_by_name = %s,"
-        " claimed_at = now() WHERE id = %s AND tenant_id = %s AND status = 'open' RETURNING id",
-        (principal.key_id, principal.name, case_id, tenant_id),
-    ).fetchone()
-    if row is None:
+    if not db.claim(conn, tenant_id, case_id, by=principal.key_id, by_name=principal.name):
         raise ReviewConflict(_explain(conn, tenant_id, case_id, principal))
     return get_case(conn, tenant_id, case_id)
 
@@ -131,13 +96,7 @@ def claim(conn: Connection, tenant_id: UUID, case_id: UUID, principal: Principal
 def release(
     conn: Connection, tenant_id: UUID, case_id: UUID, principal: Principal
 ) -> dict[str, Any]:
-    row = conn.execute(
-        "UPDATE review_cases SET status = 'open', claimed_by = NULL, claimed_by_name = NULL,"
-        " claimed_at = NULL WHERE id = %s AND tenant_id = %s AND status = 'claimed'"
-        " AND claimed_by = %s RETURNING id",
-        (case_id, tenant_id, principal.key_id),
-    ).fetchone()
-    if row is None:
+    if not db.release(conn, tenant_id, case_id, by=principal.key_id):
         raise ReviewConflict(_explain(conn, tenant_id, case_id, principal))
     return get_case(conn, tenant_id, case_id)
 
@@ -178,26 +137,20 @@ def record_verdict(
             )
     elif correct_label is not None:
         raise InvalidVerdict("correct_label is only for verdict 'override'")
-    row = conn.execute(
-        "UPDATE review_cases SET status = 'closed', verdict = %s, correct_label = %s, note = %s,"
-        " verdict_by = %s, verdict_by_name = %s, closed_at = now()"
-        " WHERE id = %s AND tenant_id = %s AND status = 'claimed' AND claimed_by = %s"
-        " RETURNING study_id",
-        (
-            verdict,
-            correct_label,
-            note,
-            principal.key_id,
-            principal.name,
-            case_id,
-            tenant_id,
-            principal.key_id,
-        ),
-    ).fetchone()
-    if row is None:
+    study_id = db.close(
+        conn,
+        tenant_id,
+        case_id,
+        by=principal.key_id,
+        by_name=principal.name,
+        verdict=verdict,
+        correct_label=correct_label,
+        note=note,
+    )
+    if study_id is None:
         raise ReviewConflict(_explain(conn, tenant_id, case_id, principal))
     # A reviewed study is finished.
-    lifecycle.mark_reviewed(conn, row[0])
+    lifecycle.mark_reviewed(conn, study_id)
     return get_case(conn, tenant_id, case_id)
 
 
@@ -210,37 +163,6 @@ class VersionAccuracy:
     accuracy: float | None
     sensitivity: float | None
     specificity: float | None
-
-
-_STATS_SQL = """
-WITH truth AS (
-    SELECT study_id, verdict, correct_label FROM review_cases
-    WHERE status = 'closed' AND verdict IS NOT NULL
-      AND (%(tenant)s::uuid IS NULL OR tenant_id = %(tenant)s::uuid)
-),
-ref AS (
-    SELECT instance_id, label FROM results
-    WHERE model = %(truth_model)s AND arm = 'live' AND study_id IN (SELECT study_id FROM truth)
-),
-scored AS (
-    SELECT r.version, r.arm, r.label AS predicted,
-           CASE WHEN t.verdict = 'override' THEN t.correct_label ELSE ref.label END AS actual
-    FROM results r
-    JOIN truth t ON t.study_id = r.study_id
-    LEFT JOIN ref ON ref.instance_id = r.instance_id
-    WHERE r.model = %(model)s
-)
-SELECT version,
-       string_agg(DISTINCT arm, ',') AS arms,
-       count(*) AS n,
-       count(*) FILTER (WHERE predicted = actual) AS correct,
-       count(*) FILTER (WHERE predicted <> ALL(%(normal)s) AND actual <> ALL(%(normal)s)) AS tp,
-       count(*) FILTER (WHERE predicted = ANY(%(normal)s) AND actual <> ALL(%(normal)s)) AS fn,
-       count(*) FILTER (WHERE predicted = ANY(%(normal)s) AND actual = ANY(%(normal)s)) AS tn,
-       count(*) FILTER (WHERE predicted <> ALL(%(normal)s) AND actual = ANY(%(normal)s)) AS fp
-FROM scored WHERE actual IS NOT NULL
-GROUP BY version ORDER BY version
-"""
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -259,15 +181,14 @@ def stats(
     Truth per instance: the override label, or (agree) the live ``truth_model`` label the
     reviewer agreed with. Positive = any label other than normal.
     """
-    params = {
-        "tenant": tenant_id,
-        "model": model,
-        "truth_model": truth_model,
-        "normal": list(NORMAL_LABELS),
-    }
     out = []
-    for r in conn.execute(_STATS_SQL, params).fetchall():
-        version, arms, n, correct, tp, fn, tn, fp = r
+    for version, arms, n, correct, tp, fn, tn, fp in db.accuracy_counts(
+        conn,
+        model=model,
+        truth_model=truth_model,
+        normal=list(NORMAL_LABELS),
+        tenant_id=tenant_id,
+    ):
         out.append(
             VersionAccuracy(
                 model=model,
@@ -302,8 +223,7 @@ def figures_by_version(
 
 def publish_figures(conn: Connection) -> None:
     """Refresh the reviewed-performance gauges of every model with reviewed results."""
-    models = [r[0] for r in conn.execute("SELECT DISTINCT model FROM results ORDER BY 1")]
-    for model in models:
+    for model in db.models_with_results(conn):
         for s in stats(conn, model):
             for figure in FIGURES:
                 value = getattr(s, figure)

@@ -19,12 +19,12 @@ from uuid import UUID
 import httpx
 import pydicom
 from psycopg import Connection
-from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from orchestrator.errors import BadRequest, MedtriageError, NotFound
 from orchestrator.reports import regenerate
 from orchestrator.security.outbound import DestinationRefused, OutboundPolicy
+from orchestrator.store.db import pacs as db
 from orchestrator.store.objects import ObjectStore
 
 # Deadline of one STOW-RS request (connect + upload + answer).
@@ -53,24 +53,11 @@ def add_target(conn: Connection, tenant_id: UUID, name: str, stow_url: str) -> d
     parts = urlsplit(stow_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadRequest(f"stow_url must be an absolute http(s) DICOMweb base URL: {stow_url!r}")
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(
-            "INSERT INTO pacs_targets (tenant_id, name, stow_url) VALUES (%s, %s, %s)"
-            " ON CONFLICT (tenant_id, name) DO UPDATE SET stow_url = EXCLUDED.stow_url,"
-            " active = true RETURNING id, name, stow_url, active, created_at",
-            (tenant_id, name, stow_url.rstrip("/")),
-        ).fetchone()
-    assert row is not None
-    return row
+    return db.upsert_target(conn, tenant_id, name, stow_url.rstrip("/"))
 
 
 def targets(conn: Connection, tenant_id: UUID, name: str | None = None) -> list[dict[str, Any]]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
-            "SELECT id, name, stow_url, active, created_at FROM pacs_targets"
-            " WHERE tenant_id = %s AND active AND (%s::text IS NULL OR name = %s) ORDER BY name",
-            (tenant_id, name, name),
-        ).fetchall()
+    rows = db.active_targets(conn, tenant_id, name)
     if name is not None and not rows:
         raise NotFound(f"no PACS target {name!r}; an admin adds one with POST /v1/pacs-targets")
     return rows
@@ -153,9 +140,13 @@ def export_report(
         out.append(Export(t["name"], number, "ok" if ok else "failed", sop_uid, detail))
     with pool.connection() as conn:
         for e in out:
-            conn.execute(
-                "INSERT INTO report_exports (study_id, revision, target, outcome, detail,"
-                " sop_instance_uid) VALUES (%s, %s, %s, %s, %s, %s)",
-                (study_id, e.revision, e.target, e.outcome, e.detail, e.sop_instance_uid),
+            db.insert_export(
+                conn,
+                study_id=study_id,
+                revision=e.revision,
+                target=e.target,
+                outcome=e.outcome,
+                detail=e.detail,
+                sop_instance_uid=e.sop_instance_uid,
             )
     return out

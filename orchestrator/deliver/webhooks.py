@@ -33,14 +33,13 @@ from uuid import UUID
 
 import httpx
 from psycopg import Connection
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from orchestrator import metrics
 from orchestrator.errors import BadRequest, NotFound, StorageError
 from orchestrator.security.outbound import DestinationRefused, OutboundPolicy
 from orchestrator.store.db import connect_pool
+from orchestrator.store.db import webhooks as db
 from orchestrator.store.encryption import KeyRing, open_text, seal_text
 
 log = logging.getLogger(__name__)
@@ -112,9 +111,6 @@ class Policy:
     timeout_s: float = 5.0
 
 
-_PUBLIC = "id, url, events, active, max_attempts, backoff_s, timeout_s, created_at"
-
-
 def create(
     conn: Connection,
     tenant_id: UUID,
@@ -136,22 +132,17 @@ def create(
     secret = secrets.token_urlsafe(32)
     webhook_id = uuid.uuid4()
     stored = seal_text(ring, secret_context(webhook_id), secret) if ring is not None else secret
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(
-            "INSERT INTO webhooks (id, tenant_id, url, secret, events, max_attempts, backoff_s,"
-            f" timeout_s) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_PUBLIC}",
-            (
-                webhook_id,
-                tenant_id,
-                url,
-                stored,
-                sorted(set(events)),
-                policy.max_attempts,
-                policy.backoff_s,
-                policy.timeout_s,
-            ),
-        ).fetchone()
-    assert row is not None
+    row = db.insert_endpoint(
+        conn,
+        webhook_id=webhook_id,
+        tenant_id=tenant_id,
+        url=url,
+        secret=stored,
+        events=sorted(set(events)),
+        max_attempts=policy.max_attempts,
+        backoff_s=policy.backoff_s,
+        timeout_s=policy.timeout_s,
+    )
     return row, secret
 
 
@@ -162,28 +153,16 @@ def secret_context(webhook_id: Any) -> str:
 
 
 def list_endpoints(conn: Connection, tenant_id: UUID) -> list[dict[str, Any]]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(
-            f"SELECT {_PUBLIC} FROM webhooks WHERE tenant_id = %s AND active ORDER BY created_at",
-            (tenant_id,),
-        ).fetchall()
+    return db.active_endpoints(conn, tenant_id)
 
 
 def deactivate(conn: Connection, tenant_id: UUID, webhook_id: UUID) -> None:
-    row = conn.execute(
-        "UPDATE webhooks SET active = false WHERE id = %s AND tenant_id = %s AND active"
-        " RETURNING id",
-        (webhook_id, tenant_id),
-    ).fetchone()
-    if row is None:
+    if not db.deactivate(conn, tenant_id, webhook_id):
         raise WebhookNotFound(f"webhook {webhook_id} not found")
 
 
 def _endpoint(conn: Connection, tenant_id: UUID, webhook_id: UUID) -> None:
-    row = conn.execute(
-        "SELECT 1 FROM webhooks WHERE id = %s AND tenant_id = %s", (webhook_id, tenant_id)
-    ).fetchone()
-    if row is None:
+    if not db.endpoint_exists(conn, tenant_id, webhook_id):
         raise WebhookNotFound(f"webhook {webhook_id} not found")
 
 
@@ -193,19 +172,7 @@ def _endpoint(conn: Connection, tenant_id: UUID, webhook_id: UUID) -> None:
 def emit(conn: Connection, tenant_id: UUID, event: str, payload: dict[str, Any]) -> int:
     """Queue ``event`` for every active endpoint of the tenant that wants it; returns how many."""
     assert event in EVENTS, event
-    cur = conn.execute(
-        "INSERT INTO webhook_deliveries (webhook_id, tenant_id, event, payload)"
-        " SELECT id, tenant_id, %s, %s FROM webhooks"
-        " WHERE tenant_id = %s AND active AND (events = '{}' OR %s = ANY(events))",
-        (event, Jsonb(payload), tenant_id, event),
-    )
-    return cur.rowcount
-
-
-_DELIVERY = (
-    "id, webhook_id, event, payload, status, attempts, last_status, last_error,"
-    " next_attempt_at, created_at, delivered_at"
-)
+    return db.insert_deliveries(conn, tenant_id, event, payload)
 
 
 def deliveries(
@@ -217,34 +184,16 @@ def deliveries(
     limit: int = 50,
 ) -> list[dict[str, Any]]:
     _endpoint(conn, tenant_id, webhook_id)
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(
-            f"SELECT {_DELIVERY} FROM webhook_deliveries WHERE webhook_id = %s"
-            " AND tenant_id = %s AND (%s::text IS NULL OR status = %s)"
-            " ORDER BY created_at DESC LIMIT %s",
-            (webhook_id, tenant_id, status, status, min(limit, MAX_PAGE)),
-        ).fetchall()
+    return db.deliveries(conn, tenant_id, webhook_id, status=status, limit=min(limit, MAX_PAGE))
 
 
 def redeliver(
     conn: Connection, tenant_id: UUID, webhook_id: UUID, delivery_id: UUID
 ) -> dict[str, Any]:
     """Send a delivery again from scratch (attempts reset), e.g. from the dead-letter list."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(
-            "UPDATE webhook_deliveries SET status = 'pending', attempts = 0,"
-            " next_attempt_at = now(), updated_at = now()"
-            " WHERE id = %s AND webhook_id = %s AND tenant_id = %s AND status <> 'pending'"
-            f" RETURNING {_DELIVERY}",
-            (delivery_id, webhook_id, tenant_id),
-        ).fetchone()
+    row = db.reset_delivery(conn, tenant_id, webhook_id, delivery_id)
     if row is None:
-        exists = conn.execute(
-            "SELECT status FROM webhook_deliveries WHERE id = %s AND webhook_id = %s"
-            " AND tenant_id = %s",
-            (delivery_id, webhook_id, tenant_id),
-        ).fetchone()
-        if exists is None:
+        if db.delivery_status(conn, tenant_id, webhook_id, delivery_id) is None:
             raise WebhookNotFound(f"delivery {delivery_id} not found")
         raise BadRequest(f"delivery {delivery_id} is still pending; it is retried already")
     return row
@@ -255,20 +204,7 @@ def redeliver(
 
 def claim_due(conn: Connection, limit: int) -> list[dict[str, Any]]:
     """Lease up to ``limit`` due deliveries (with their endpoint's url, secret and policy)."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(
-            "UPDATE webhook_deliveries d"
-            " SET next_attempt_at = now() + make_interval(secs => w.timeout_s + %s),"
-            " updated_at = now()"
-            " FROM webhooks w WHERE w.id = d.webhook_id AND d.id IN ("
-            "  SELECT id FROM webhook_deliveries WHERE status = 'pending'"
-            "  AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT %s"
-            "  FOR UPDATE SKIP LOCKED)"
-            " RETURNING d.id, d.event, d.payload, d.attempts, w.id AS webhook_id, w.url,"
-            " w.secret, w.active,"
-            " w.max_attempts, w.backoff_s, w.timeout_s",
-            (LEASE_MARGIN_S, limit),
-        ).fetchall()
+    return db.lease_due(conn, limit, margin_s=LEASE_MARGIN_S)
 
 
 def attempt(
@@ -325,20 +261,15 @@ def record(
         outcome = "dead"
     else:
         outcome = "pending"
-    conn.execute(
-        "UPDATE webhook_deliveries SET attempts = %s, status = %s, last_status = %s,"
-        " last_error = %s, updated_at = now(),"
-        " next_attempt_at = now() + make_interval(secs => %s),"
-        " delivered_at = CASE WHEN %s THEN now() END WHERE id = %s",
-        (
-            attempts,
-            outcome,
-            status,
-            error,
-            backoff_s(float(delivery["backoff_s"]), attempts),
-            delivered,
-            delivery["id"],
-        ),
+    db.record_attempt(
+        conn,
+        delivery["id"],
+        attempts=attempts,
+        outcome=outcome,
+        status=status,
+        error=error,
+        retry_in_s=backoff_s(float(delivery["backoff_s"]), attempts),
+        delivered=delivered,
     )
     metrics.WEBHOOK_DELIVERIES.labels("retry" if outcome == "pending" else outcome).inc()
     return outcome

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +31,14 @@ BLUR_P, BLUR_SIGMA = 0.3, (0.25, 0.7)  # sigma in pixels of the 28×28 image
 GAMMA_P, GAMMA = 0.5, (0.8, 1.25)
 METHODS = (cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_AREA)
 BITS_STORED = 12
+
+
+def save_cache(path: Path, array: np.ndarray) -> None:
+    """Write atomically: a parallel run never loads a half-written file."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
 
 
 def round_trip(
@@ -91,6 +100,5 @@ def copies(
     for i, image in enumerate(images):
         for j in range(n_copies):
             out[i, j] = round_trip(image, spec, shape, rng)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    np.save(path, out)
+    save_cache(path, out)
     return out

@@ -14,7 +14,7 @@ import pydicom
 
 from orchestrator import samples
 from preprocess.pipeline import PreprocessSpec, preprocess
-from training.augment import CACHE
+from training.augment import CACHE, save_cache
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
 
@@ -47,6 +47,5 @@ def tensors(
             for im in images
         ]
     )
-    CACHE.mkdir(parents=True, exist_ok=True)
-    np.save(path, out)
+    save_cache(path, out)
     return out

@@ -48,6 +48,7 @@ RECIPES: dict[tuple[str, int], dict[str, Any]] = {
     ("analysis", 1): {"arch": "small", "epochs": 8, "class_weight": "balanced", "seed": 3},
     ("analysis", 2): {"arch": "wide", "epochs": 8, "class_weight": "balanced", "seed": 4},
     ("breast_us", 1): {"arch": "small", "epochs": 40, "class_weight": "none", "seed": 5},
+    ("breast_us", 2): {"arch": "wide", "epochs": 40, "class_weight": "none", "seed": 7},
     ("fundus", 1): {"arch": "small", "epochs": 30, "class_weight": "none", "seed": 6},
 }
 # Resolution round-trip copies made once per training image (the data set's own image is

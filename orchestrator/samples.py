@@ -25,6 +25,9 @@ from pydicom.uid import (
 from orchestrator.settings import REPO_ROOT
 
 SAMPLES_FILE = REPO_ROOT / "samples" / "pneumoniamnist_test_16.npz"
+# The other model sets' demo images (samples/README.md says where they come from).
+BREAST_SAMPLES_FILE = REPO_ROOT / "samples" / "breastmnist_test_8.npz"
+FUNDUS_SAMPLES_FILE = REPO_ROOT / "samples" / "retinamnist_test_8.npz"
 # Radiograph-like encoding of an 8-bit image: 12 bits stored, upsampled.
 BITS_STORED = 12
 DEFAULT_SIZE = 512

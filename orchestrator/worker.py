@@ -45,6 +45,10 @@ EXIT_GRACE_EXPIRED = 3
 # RQ ends its loop (instead of retrying) when its own bookkeeping around a job meets a Redis
 # error, e.g. a Redis restart mid-job; the process starts a fresh loop after this long.
 RESTART_DELAY_S = 2.0
+# RQ's maintenance (cleaning its registries; starting its scheduler process again if it died,
+# e.g. with a Redis restart) runs every 10 minutes by default; a retry waiting on a dead
+# scheduler would wait as long. The reconciler queues overdue retries too (reconcile.py).
+MAINTENANCE_INTERVAL_S = 30
 # Set once a stop is asked (SIGTERM/SIGINT through RQ's handlers): no fresh loop after that.
 _STOP = threading.Event()
 
@@ -164,7 +168,10 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
 
     def make_worker() -> _Worker:
         worker = _Worker(
-            [Queue(settings.queue_name, connection=rq_redis)], connection=rq_redis, name=name
+            [Queue(settings.queue_name, connection=rq_redis)],
+            connection=rq_redis,
+            name=name,
+            maintenance_interval=MAINTENANCE_INTERVAL_S,
         )
         worker.grace_s = settings.shutdown_grace_s
         return worker

@@ -56,6 +56,8 @@ INGEST_PATHS = ("rest", "stow", "dimse", "import")
 INFERENCE_ERRORS = ("unavailable", "timeout", "invalid_output", "error")
 WEBHOOK_OUTCOMES = ("delivered", "retry", "dead")
 REVIEW_FIGURES = ("accuracy", "sensitivity", "specificity")
+# How a supervised worker child ended before it was started again (supervisor.py).
+CHILD_EXITS = ("signal", "error", "clean")
 LABEL_VALUES: dict[str, tuple[str, ...]] = {
     "stage": STAGES,
     "arm": ARMS,
@@ -64,6 +66,7 @@ LABEL_VALUES: dict[str, tuple[str, ...]] = {
     "role": ("uploader", "reviewer", "ml-engineer", "sre", "admin"),
     "delivery_outcome": WEBHOOK_OUTCOMES,
     "figure": REVIEW_FIGURES,
+    "exit": CHILD_EXITS,
 }
 
 # --- API -------------------------------------------------------------------------------
@@ -111,6 +114,16 @@ STAGE_LATENCY = Histogram(
 JOBS_IN_FLIGHT = Gauge("medtriage_jobs_in_flight", "Study jobs running in this worker process.")
 JOB_RETRIES = Counter(
     "medtriage_job_retries_total", "Study job attempts after the first (retries)."
+)
+WORKER_RESTARTS = Counter(
+    "medtriage_worker_restarts_total",
+    "Worker processes started again by `medtriage worker`'s supervisor, by how the previous"
+    " one ended (killed by a signal, exited with an error, exited cleanly unasked).",
+    ["exit"],
+)
+WORKER_PROCESSES = Gauge(
+    "medtriage_worker_processes",
+    "Worker processes a supervisor keeps running now (configured: MEDTRIAGE_CONCURRENCY).",
 )
 DEAD_LETTERS = Counter(
     "medtriage_dead_letters_total",

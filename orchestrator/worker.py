@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 from rq.job import Job
 
-from orchestrator import applicability, events, metrics, reconcile, routing, webhooks
+from orchestrator import applicability, events, metrics, reconcile, routing, supervisor, webhooks
 from orchestrator import queue as jobqueue
 from orchestrator.db import connect_pool, upgrade
 from orchestrator.inference import TritonInference
@@ -212,21 +212,38 @@ def work_until_stopped(make_worker: Callable[[], _Worker], *, burst: bool = Fals
 
 
 def run(settings: WorkerSettings) -> int:
-    """Start ``settings.concurrency`` worker processes and wait; SIGTERM is passed on."""
+    """Start ``settings.concurrency`` worker processes, start again any that dies
+    (supervisor.py), and wait; SIGTERM/SIGINT are passed on."""
     if settings.concurrency <= 1:
         run_one(settings)
         return 0
     env = {**os.environ, "MEDTRIAGE_CONCURRENCY": "1"}
-    children = [
-        subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker"], env=env)
-        for _ in range(settings.concurrency)
-    ]
+    host = socket.gethostname()
+    redis = jobqueue.connect(settings.redis_url)
 
-    def _forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker"], env=env)
 
-    signal.signal(signal.SIGTERM, _forward)
-    signal.signal(signal.SIGINT, _forward)
-    return max(child.wait() for child in children)
+    def forget(child: subprocess.Popen[bytes]) -> None:
+        # A killed child could not withdraw its metrics endpoint (named like the worker).
+        with contextlib.suppress(RedisError):
+            metrics.unregister_endpoint(redis, settings.queue_prefix, f"{host}-{child.pid}")
+
+    boss = supervisor.Supervisor(start, settings.concurrency, on_exit=forget)
+    signal.signal(signal.SIGTERM, boss.stop)
+    signal.signal(signal.SIGINT, boss.stop)
+    # The supervisor's own metrics (restarts, processes) on the first port of the range.
+    name = f"{host}-{os.getpid()}-supervisor"
+    port = metrics.serve_worker_metrics(
+        settings.worker_metrics_port,
+        settings.worker_metrics_port_span,
+        settings.worker_metrics_address,
+    )
+    if port is not None:
+        address = metrics.advertised_host(settings.worker_metrics_address)
+        metrics.register_endpoint(redis, settings.queue_prefix, name, address, port)
+    try:
+        return boss.run()
+    finally:
+        with contextlib.suppress(RedisError):
+            metrics.unregister_endpoint(redis, settings.queue_prefix, name)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +26,9 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
+from rq import Worker
 
 from orchestrator import queue as jobqueue
 from orchestrator.chaos import MotoS3, PostgresServer, RedisServer
@@ -32,7 +36,7 @@ from orchestrator.db import upgrade
 from orchestrator.db.keys import create_key
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import REPO_ROOT, CliSettings
-from orchestrator.stack import LocalStack
+from orchestrator.stack import LocalStack, free_port
 from orchestrator.triton.local import TritonProcess, install_runtime, render_repository
 
 pytestmark = pytest.mark.integration
@@ -60,6 +64,10 @@ SCHEDULED_WAIT_S = 60.0
 # A retry after a Redis restart: the first retry interval, the overdue grace
 # (reconcile.SCHEDULED_OVERDUE_S), a reconcile interval and the run itself, with room.
 RETRY_AFTER_RESTART_TIMEOUT_S = 90.0
+# Worker processes under `medtriage worker`'s supervisor, and how long one may take to be
+# started again (backoff after a second quick death: 2 s) and warm up (Triton ready, pool).
+SUPERVISED = 2
+SUPERVISED_WAIT_S = 90.0
 TERMINAL = ("done", "needs_review", "failed", "not_applicable")
 _POLL_S = 0.25
 
@@ -538,3 +546,109 @@ def test_graceful_shutdown_finishes_the_job_in_hand(world: World) -> None:
     record("SIGTERM to every worker mid-job", "time to drain", f"{drained_s:.1f} s")
     record("SIGTERM to every worker mid-job", "studies lost", "0")
     assert all(c == 0 for c in codes), codes
+
+
+# --- `medtriage worker` with CONCURRENCY=2: its children SIGKILLed ---------------------------
+
+
+@dataclass
+class Supervised:
+    parent: subprocess.Popen[bytes]
+    metrics_port: int
+
+
+def _children(pid: int) -> set[int]:
+    """The direct children of ``pid`` (the supervisor's worker processes)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(p) for p in path.read_text().split()} if path.exists() else set()
+
+
+def _registered(world: World) -> set[str]:
+    """Names of the RQ workers registered now (a worker registers once it is warm)."""
+    redis = jobqueue.connect(world.redis.url)
+    try:
+        return {w.name for w in Worker.all(connection=redis)}
+    finally:
+        redis.close()
+
+
+def _wait_capacity(world: World, boss: Supervised, gone: set[int]) -> set[int]:
+    """Until the supervisor has CONCURRENCY children, none of ``gone``, each registered."""
+    host = socket.gethostname()
+    deadline = time.monotonic() + SUPERVISED_WAIT_S
+    while True:
+        assert boss.parent.poll() is None, "the supervisor exited"
+        kids = _children(boss.parent.pid)
+        names = _registered(world)
+        if (
+            len(kids) == SUPERVISED
+            and not kids & gone
+            and all(f"{host}-{k}" in names for k in kids)
+        ):
+            return kids
+        assert time.monotonic() < deadline, (kids, gone, sorted(names))
+        time.sleep(_POLL_S)
+
+
+@pytest.fixture(scope="module")
+def supervised(world: World) -> Iterator[Supervised]:
+    port = free_port()
+    env = {
+        **world.stack.env,
+        "MEDTRIAGE_CONCURRENCY": str(SUPERVISED),
+        "MEDTRIAGE_WORKER_METRICS_PORT": str(port),
+        "MEDTRIAGE_WORKER_METRICS_PORT_SPAN": "20",
+    }
+    log = open(world.stack.logs / "supervised.log", "ab")  # noqa: SIM115 - owned by the child
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "worker"], env=env, stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    boss = Supervised(parent, port)
+    try:
+        _wait_capacity(world, boss, set())
+        yield boss
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        try:
+            parent.wait(60)
+        except subprocess.TimeoutExpired:
+            parent.kill()
+            parent.wait()
+        log.close()
+
+
+def _restarts_counted(boss: Supervised) -> float:
+    """medtriage_worker_restarts_total{exit="signal"} from the supervisor's own endpoint
+    (the first port of the range: it binds before its children start)."""
+    text = httpx.get(f"http://127.0.0.1:{boss.metrics_port}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "medtriage_worker_restarts_total" and sample.labels == {
+                "exit": "signal"
+            }:
+                return float(sample.value)
+    return 0.0
+
+
+def test_sigkilled_worker_children_are_replaced_by_the_supervisor(
+    world: World, supervised: Supervised
+) -> None:
+    """Issue 16, item 2: kill -9 one child, then both; capacity comes back each time by
+    itself and the parent carries on."""
+    first = _children(supervised.parent.pid)
+    victim = min(first)
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    second = _wait_capacity(world, supervised, {victim})
+    one_s = time.monotonic() - killed_at
+    for pid in second:
+        os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    _wait_capacity(world, supervised, second | {victim})
+    both_s = time.monotonic() - killed_at
+    assert supervised.parent.poll() is None
+    assert _restarts_counted(supervised) == 3
+    label = f"`medtriage worker` CONCURRENCY={SUPERVISED}, children SIGKILLed"
+    record(label, "one child: back to full capacity (registered, warm)", f"{one_s:.1f} s")
+    record(label, "both children: back to full capacity", f"{both_s:.1f} s")

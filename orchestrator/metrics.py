@@ -16,12 +16,15 @@ endpoint per process is the Prometheus-native model and ``sum()`` aggregates in 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
@@ -255,10 +258,77 @@ def advertised_host(address: str) -> str:
     return socket.gethostname() if address in ("0.0.0.0", "::", "") else address
 
 
+# A process's endpoint is announced again this often: Redis keeps nothing on disk, so after a
+# restart the endpoint is listed again (and scraped) within this, not at the process's restart.
+ANNOUNCE_INTERVAL_S = 5.0
+# An announcement counts this long; a process killed without withdrawing its endpoint drops
+# out of the targets after it.
+ENDPOINT_TTL_S = 3 * ANNOUNCE_INTERVAL_S
+
+
+def endpoint_alive_key(queue_prefix: str, worker: str) -> str:
+    return f"{queue_prefix}:metrics-alive:{worker}"
+
+
 def register_endpoint(redis: Any, queue_prefix: str, worker: str, host: str, port: int) -> None:
-    """Announce a worker's endpoint; the API serves the set as Prometheus HTTP SD targets."""
-    redis.hset(endpoints_key(queue_prefix), worker, f"{host}:{port}")
+    """Announce a worker's endpoint for ENDPOINT_TTL_S; the API serves the announced set as
+    Prometheus HTTP SD targets."""
+    with redis.pipeline() as pipe:
+        pipe.hset(endpoints_key(queue_prefix), worker, f"{host}:{port}")
+        pipe.set(endpoint_alive_key(queue_prefix, worker), "1", ex=int(ENDPOINT_TTL_S))
+        pipe.execute()
 
 
 def unregister_endpoint(redis: Any, queue_prefix: str, worker: str) -> None:
-    redis.hdel(endpoints_key(queue_prefix), worker)
+    with redis.pipeline() as pipe:
+        pipe.hdel(endpoints_key(queue_prefix), worker)
+        pipe.delete(endpoint_alive_key(queue_prefix, worker))
+        pipe.execute()
+
+
+def announced_endpoints(redis: Any, queue_prefix: str) -> list[str]:
+    """host:port of every endpoint announced within ENDPOINT_TTL_S."""
+    raw = redis.hgetall(endpoints_key(queue_prefix))
+    names = [k.decode() if isinstance(k, bytes) else str(k) for k in raw]
+    fresh = redis.mget([endpoint_alive_key(queue_prefix, n) for n in names]) if names else []
+    return sorted(
+        v.decode() if isinstance(v, bytes) else str(v)
+        for v, alive in zip(raw.values(), fresh, strict=True)
+        if alive is not None
+    )
+
+
+class Announcer(threading.Thread):
+    """Keeps one process's metrics endpoint in the Redis hash behind ``/metrics/targets``."""
+
+    def __init__(
+        self,
+        redis: Any,
+        queue_prefix: str,
+        name: str,
+        host: str,
+        port: int,
+        interval_s: float = ANNOUNCE_INTERVAL_S,
+    ) -> None:
+        super().__init__(name="medtriage-metrics-announcer", daemon=True)
+        self.redis = redis
+        self.args = (queue_prefix, name, host, port)
+        self.interval_s = interval_s
+        self.stopping = threading.Event()
+
+    def announce(self) -> None:
+        try:
+            register_endpoint(self.redis, *self.args)
+        except RedisError as exc:
+            log.warning("metrics endpoint not announced: %s", type(exc).__name__)
+
+    def run(self) -> None:
+        while True:
+            self.announce()
+            if self.stopping.wait(self.interval_s):
+                return
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with contextlib.suppress(RedisError):
+            unregister_endpoint(self.redis, self.args[0], self.args[1])

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from uuid import UUID
 
+from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 from rq.job import Job
@@ -148,14 +149,7 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
     name = f"{socket.gethostname()}-{os.getpid()}"
     _CONTEXT = build_context(settings, name)
     redis = jobqueue.connect(settings.redis_url)
-    port = metrics.serve_worker_metrics(
-        settings.worker_metrics_port,
-        settings.worker_metrics_port_span,
-        settings.worker_metrics_address,
-    )
-    if port is not None:
-        host = metrics.advertised_host(settings.worker_metrics_address)
-        metrics.register_endpoint(redis, settings.queue_prefix, name, host, port)
+    announcer = _announce_metrics(settings, redis, name)
     background = reconcile.Background(_CONTEXT.pool, settings, name)
     background.start()
     dispatcher = webhooks.Dispatcher(
@@ -182,7 +176,8 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
     finally:
         dispatcher.stop()
         background.stop()
-        metrics.unregister_endpoint(redis, settings.queue_prefix, name)
+        if announcer is not None:
+            announcer.stop()
         if _CONTEXT.sandbox is not None:
             _CONTEXT.sandbox.close()
         _CONTEXT.pool.close()
@@ -211,6 +206,23 @@ def work_until_stopped(make_worker: Callable[[], _Worker], *, burst: bool = Fals
             return
 
 
+def _announce_metrics(
+    settings: WorkerSettings, redis: Redis, name: str
+) -> metrics.Announcer | None:
+    """Serve this process's metrics and keep the endpoint announced (None when off)."""
+    port = metrics.serve_worker_metrics(
+        settings.worker_metrics_port,
+        settings.worker_metrics_port_span,
+        settings.worker_metrics_address,
+    )
+    if port is None:
+        return None
+    host = metrics.advertised_host(settings.worker_metrics_address)
+    announcer = metrics.Announcer(redis, settings.queue_prefix, name, host, port)
+    announcer.start()
+    return announcer
+
+
 def run(settings: WorkerSettings) -> int:
     """Start ``settings.concurrency`` worker processes, start again any that dies
     (supervisor.py), and wait; SIGTERM/SIGINT are passed on."""
@@ -232,18 +244,9 @@ def run(settings: WorkerSettings) -> int:
     boss = supervisor.Supervisor(start, settings.concurrency, on_exit=forget)
     signal.signal(signal.SIGTERM, boss.stop)
     signal.signal(signal.SIGINT, boss.stop)
-    # The supervisor's own metrics (restarts, processes) on the first port of the range.
-    name = f"{host}-{os.getpid()}-supervisor"
-    port = metrics.serve_worker_metrics(
-        settings.worker_metrics_port,
-        settings.worker_metrics_port_span,
-        settings.worker_metrics_address,
-    )
-    if port is not None:
-        address = metrics.advertised_host(settings.worker_metrics_address)
-        metrics.register_endpoint(redis, settings.queue_prefix, name, address, port)
+    announcer = _announce_metrics(settings, redis, f"{host}-{os.getpid()}-supervisor")
     try:
         return boss.run()
     finally:
-        with contextlib.suppress(RedisError):
-            metrics.unregister_endpoint(redis, settings.queue_prefix, name)
+        if announcer is not None:
+            announcer.stop()

@@ -68,6 +68,8 @@ RETRY_AFTER_RESTART_TIMEOUT_S = 90.0
 # started again (backoff after a second quick death: 2 s) and warm up (Triton ready, pool).
 SUPERVISED = 2
 SUPERVISED_WAIT_S = 90.0
+# Worker metrics endpoints are announced every metrics.ANNOUNCE_INTERVAL_S; room beyond it.
+TARGETS_WAIT_S = 30.0
 TERMINAL = ("done", "needs_review", "failed", "not_applicable")
 _POLL_S = 0.25
 
@@ -652,3 +654,28 @@ def test_sigkilled_worker_children_are_replaced_by_the_supervisor(
     label = f"`medtriage worker` CONCURRENCY={SUPERVISED}, children SIGKILLed"
     record(label, "one child: back to full capacity (registered, warm)", f"{one_s:.1f} s")
     record(label, "both children: back to full capacity", f"{both_s:.1f} s")
+
+
+def _targets(world: World) -> set[str]:
+    groups = httpx.get(f"{world.stack.api_url}/metrics/targets", timeout=10).json()
+    return {t for g in groups for t in g["targets"]}
+
+
+def test_worker_metrics_endpoints_are_listed_again_after_a_redis_restart(
+    world: World, supervised: Supervised
+) -> None:
+    """Issue 16, item 9: /metrics/targets (Prometheus HTTP SD) lists the supervised workers'
+    endpoints again soon after Redis restarts with its data gone, with no worker restarted."""
+    deadline = time.monotonic() + TARGETS_WAIT_S
+    while len(before := _targets(world)) < SUPERVISED:
+        assert time.monotonic() < deadline, before
+        time.sleep(_POLL_S)
+    children = _children(supervised.parent.pid)
+    world.redis.restart()
+    restarted = time.monotonic()
+    while (after := _targets(world)) != before:
+        assert time.monotonic() - restarted < TARGETS_WAIT_S, (before, after)
+        time.sleep(_POLL_S)
+    relisted_s = time.monotonic() - restarted
+    assert _children(supervised.parent.pid) == children  # nobody was restarted
+    record("Redis restarted", "worker metrics endpoints listed again after", f"{relisted_s:.1f} s")

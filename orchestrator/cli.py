@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import time
 
 from orchestrator.settings import ApiSettings, CliSettings, WorkerSettings
 
@@ -87,16 +89,35 @@ def _cmd_triton(args: argparse.Namespace, settings: CliSettings) -> int:
         model_control="explicit",
         load_models=sorted(load_repository(settings.model_repository)),
     )
-    with proc:
-        print(f"Triton ready: grpc {proc.grpc_url}, http {proc.http_url}; Ctrl-C to stop")
-        try:
+    # SIGTERM would end this process without stopping the server (its own session), and a
+    # shell starts a background job with SIGINT ignored: both now stop and wait for it.
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with proc:
+            print(f"Triton ready: grpc {proc.grpc_url}, http {proc.http_url}; Ctrl-C to stop")
             while proc.is_running:
-                import time
-
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+                time.sleep(TRITON_POLL_S)
+    except _Stop:
+        pass  # ``with proc`` stopped the server (SIGTERM, then the group killed) and waited
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
+
+
+# How often `medtriage triton serve` checks that its server still runs.
+TRITON_POLL_S = 1.0
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT reached `medtriage triton serve`."""
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    # One stop is enough: a second signal must not interrupt the server's shutdown.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Stop(signal.Signals(signum).name)
 
 
 def _cmd_demo(args: argparse.Namespace, settings: CliSettings) -> int:

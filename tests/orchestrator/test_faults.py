@@ -70,6 +70,12 @@ SUPERVISED = 2
 SUPERVISED_WAIT_S = 90.0
 # Worker metrics endpoints are announced every metrics.ANNOUNCE_INTERVAL_S; room beyond it.
 TARGETS_WAIT_S = 30.0
+# With PostgreSQL down, an answer (503) within this; probes of each kind; the client's own
+# timeout (the issue's clients used 5 s); how long it may take to work again once it is back.
+FAIL_FAST_S = 1.2
+FAIL_FAST_PROBES = 5
+FAIL_FAST_CLIENT_S = 10.0
+RECOVER_TIMEOUT_S = 30.0
 TERMINAL = ("done", "needs_review", "failed", "not_applicable")
 _POLL_S = 0.25
 
@@ -679,3 +685,48 @@ def test_worker_metrics_endpoints_are_listed_again_after_a_redis_restart(
     relisted_s = time.monotonic() - restarted
     assert _children(supervised.parent.pid) == children  # nobody was restarted
     record("Redis restarted", "worker metrics endpoints listed again after", f"{relisted_s:.1f} s")
+
+
+# --- PostgreSQL down: fail fast, recover by itself -------------------------------------------
+
+
+def _timed(world: World, method: str, path: str, **kwargs: Any) -> tuple[int, float]:
+    """(status, seconds) of one API request; 0 for no answer within the client's timeout."""
+    started = time.monotonic()
+    try:
+        status = world.client.request(
+            method, path, timeout=FAIL_FAST_CLIENT_S, **kwargs
+        ).status_code
+    except httpx.TimeoutException:
+        status = 0
+    return status, time.monotonic() - started
+
+
+def test_postgres_down_requests_fail_fast_and_recover_by_themselves(world: World) -> None:
+    """Issue 16, item 8: with PostgreSQL down, requests and /readyz answer 503 within about a
+    second (a client with a 5 s timeout gets an answer), and work again once it is back, with
+    no API restart."""
+    study = upload(world)
+    assert study is not None
+    world.pg.stop(mode="immediate")
+    try:
+        _timed(world, "GET", f"/v1/studies/{study}")  # the first one finds out
+        reads = [_timed(world, "GET", f"/v1/studies/{study}") for _ in range(FAIL_FAST_PROBES)]
+        ready = [_timed(world, "GET", "/readyz") for _ in range(FAIL_FAST_PROBES)]
+    finally:
+        world.pg.start()
+    back = time.monotonic()
+    while (status := _timed(world, "GET", f"/v1/studies/{study}")[0]) != 200:
+        assert time.monotonic() - back < RECOVER_TIMEOUT_S, status
+        time.sleep(_POLL_S)
+    recovered_s = time.monotonic() - back
+    label = "PostgreSQL down (requests and /readyz while down)"
+    record(
+        label, "slowest GET /v1/studies/{id} (after the first)", f"{max(s for _, s in reads):.2f} s"
+    )
+    record(label, "slowest /readyz", f"{max(s for _, s in ready):.2f} s")
+    record(label, "first 200 after PostgreSQL is back", f"{recovered_s:.1f} s")
+    assert {c for c, _ in reads} == {503}, reads
+    assert {c for c, _ in ready} == {503}, ready
+    assert max(s for _, s in reads) < FAIL_FAST_S, reads
+    assert max(s for _, s in ready) < FAIL_FAST_S, ready

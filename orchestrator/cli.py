@@ -8,6 +8,8 @@ import signal
 import sys
 import time
 
+from pydantic import ValidationError
+
 from orchestrator.settings import ApiSettings, CliSettings, WorkerSettings
 
 
@@ -203,7 +205,18 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.func(args, CliSettings()))
+    try:
+        settings = CliSettings()
+    except ValidationError as exc:
+        # A refused configuration (e.g. storage keys kept with the data): say what, no traceback.
+        for error in exc.errors():
+            print(f"medtriage: settings refused: {error['msg']}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    return int(args.func(args, settings))
+
+
+# Exit status when the settings are refused at start.
+EXIT_BAD_SETTINGS = 2
 
 
 if __name__ == "__main__":

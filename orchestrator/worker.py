@@ -244,7 +244,13 @@ def run(settings: WorkerSettings) -> int:
     boss = supervisor.Supervisor(start, settings.concurrency, on_exit=forget)
     signal.signal(signal.SIGTERM, boss.stop)
     signal.signal(signal.SIGINT, boss.stop)
-    announcer = _announce_metrics(settings, redis, f"{host}-{os.getpid()}-supervisor")
+    # The supervisor takes the range's first free port; only when the range leaves one for
+    # every child too (a range sized for the children alone stays theirs).
+    announcer = (
+        _announce_metrics(settings, redis, f"{host}-{os.getpid()}-supervisor")
+        if settings.worker_metrics_port_span > settings.concurrency
+        else None
+    )
     try:
         return boss.run()
     finally:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import time
+
+from pydantic import ValidationError
 
 from orchestrator import logfilter
 from orchestrator.settings import ApiSettings, CliSettings, WorkerSettings
@@ -88,16 +92,35 @@ def _cmd_triton(args: argparse.Namespace, settings: CliSettings) -> int:
         model_control="explicit",
         load_models=sorted(load_repository(settings.model_repository)),
     )
-    with proc:
-        print(f"Triton ready: grpc {proc.grpc_url}, http {proc.http_url}; Ctrl-C to stop")
-        try:
+    # SIGTERM would end this process without stopping the server (its own session), and a
+    # shell starts a background job with SIGINT ignored: both now stop and wait for it.
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with proc:
+            print(f"Triton ready: grpc {proc.grpc_url}, http {proc.http_url}; Ctrl-C to stop")
             while proc.is_running:
-                import time
-
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+                time.sleep(TRITON_POLL_S)
+    except _Stop:
+        pass  # ``with proc`` stopped the server (SIGTERM, then the group killed) and waited
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
+
+
+# How often `medtriage triton serve` checks that its server still runs.
+TRITON_POLL_S = 1.0
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT reached `medtriage triton serve`."""
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    # One stop is enough: a second signal must not interrupt the server's shutdown.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Stop(signal.Signals(signum).name)
 
 
 def _cmd_demo(args: argparse.Namespace, settings: CliSettings) -> int:
@@ -184,7 +207,18 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logfilter.install()  # pydicom's warnings quote tag values: never into our logs
-    return int(args.func(args, CliSettings()))
+    try:
+        settings = CliSettings()
+    except ValidationError as exc:
+        # A refused configuration (e.g. storage keys kept with the data): say what, no traceback.
+        for error in exc.errors():
+            print(f"medtriage: settings refused: {error['msg']}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    return int(args.func(args, settings))
+
+
+# Exit status when the settings are refused at start.
+EXIT_BAD_SETTINGS = 2
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ settings global. Defaults describe the local stack on one machine.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +78,13 @@ class CommonSettings(BaseSettings):
     # entries, comma-separated; the first encrypts new objects, all stay readable (rotation).
     # Empty = objects stored as given (only for throwaway local use).
     storage_encryption_keys: str = ""
+    # The same entries read from a mounted secret (Docker/Kubernetes secret file) instead.
+    storage_encryption_keys_file: Path | None = None
+    # "local": one machine, the demo; a local store without keys gets a key file beside its
+    # folder (<objects>.storage-key). Anything else ("production"): keys come from the
+    # environment or a mounted secret (or S3 SSE-KMS), never a file made beside the data,
+    # and a keys file inside the store's folder is refused at start.
+    deployment: Literal["local", "production"] = "local"
     # S3 server-side encryption: "AES256" (SSE-S3) or "aws:kms" (SSE-KMS, with the key id below).
     s3_sse: str = "AES256"
     s3_kms_key_id: str = ""
@@ -86,6 +95,30 @@ class CommonSettings(BaseSettings):
     @property
     def queue_name(self) -> str:
         return f"{self.queue_prefix}:studies"
+
+    @model_validator(mode="after")
+    def _storage_keys(self) -> CommonSettings:
+        """Refuse, at start, storage keys kept with the data they protect (issue 16, item 12)."""
+        store = urlparse(self.storage_url)
+        folder = Path(store.path).resolve() if store.scheme == "file" else None
+        if self.storage_encryption_keys_file is not None:
+            path = self.storage_encryption_keys_file.resolve()
+            if folder is not None and path.is_relative_to(folder):
+                raise ValueError(
+                    f"MEDTRIAGE_STORAGE_ENCRYPTION_KEYS_FILE {path} is inside the object store"
+                    f" {folder}: whoever can read the objects could read their key; mount it"
+                    " elsewhere (e.g. /run/secrets/)"
+                )
+            if self.storage_encryption_keys:
+                raise ValueError("set MEDTRIAGE_STORAGE_ENCRYPTION_KEYS or ..._KEYS_FILE, not both")
+            self.storage_encryption_keys = path.read_text().strip()
+        if self.deployment != "local" and folder is not None and not self.storage_encryption_keys:
+            raise ValueError(
+                f"deployment {self.deployment!r} with a local object store needs its keys from"
+                " MEDTRIAGE_STORAGE_ENCRYPTION_KEYS or MEDTRIAGE_STORAGE_ENCRYPTION_KEYS_FILE"
+                f" (a mounted secret), not a key file made beside {folder}"
+            )
+        return self
 
 
 class ApiSettings(CommonSettings):

@@ -188,7 +188,7 @@ a:focus,button:focus,select:focus,textarea:focus,input:focus{outline:3px solid #
 td,th{border:1px solid #bbb;padding:.2rem .5rem}.arm-shadow{color:#666}
 .instance{display:flex;gap:1rem;align-items:flex-start}.disclaimer{font-weight:bold}
 #status{min-height:1.5rem;color:#1a5fb4}
-.overlay{position:relative;display:inline-block}.overlay svg{position:absolute;inset:0;
+.overlay{position:relative;display:inline-block}svg[hidden]{display:none}.overlay svg{position:absolute;inset:0;
 width:100%;height:100%;pointer-events:none}
 """
 
@@ -269,7 +269,7 @@ document.getElementById('login').addEventListener('submit', async (ev) => {
 main.addEventListener('change', (ev) => {
   if (!ev.target.classList.contains('attention-toggle')) return;
   const svg = ev.target.closest('figure').querySelector('svg.attention');
-  if (svg) svg.hidden = !ev.target.checked;
+  if (svg) svg.toggleAttribute('hidden', !ev.target.checked);
 });
 main.addEventListener('click', (ev) => {
   const b = ev.target.closest('button[data-action]');

@@ -108,6 +108,8 @@ def test_reviewer_overrides_a_case_with_the_keyboard(
     expect(overlay).to_be_visible()
     toggle.first.uncheck()
     expect(overlay).to_be_hidden()
+    # The shortcuts below act from anywhere but a form field: focus the case's claim button.
+    page.locator("button[data-action=claim]").focus()
 
     # Claim (c), then override: o focuses the label list, type to choose, Tab to the note.
     page.keyboard.press("c")

@@ -18,7 +18,6 @@ import httpx
 import psycopg
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from redis import Redis
 
@@ -26,6 +25,7 @@ from orchestrator import ingest
 from orchestrator.db import connect_pool
 from orchestrator.db.keys import Principal, create_key
 from orchestrator.errors import StorageError
+from orchestrator.samples import load_samples, radiograph
 from orchestrator.security.crypto import (
     MAGIC,
     MAGIC_STREAM,
@@ -48,8 +48,14 @@ TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 WAIT_S = 120.0
 
 
+def _chest_film() -> bytes:
+    """A paediatric chest CR film the chest models take (a CT slice is not_applicable)."""
+    images, _ = load_samples()
+    return radiograph(images[0], study_uid=generate_uid(), size=256)
+
+
 def _dicom(marker: str) -> bytes:
-    ds = dcmread(str(get_testdata_file("CT_small.dcm")))
+    ds = dcmread(io.BytesIO(_chest_film()))
     ds.PatientName = marker
     ds.PatientID = marker[:16]
     ds.StudyInstanceUID = generate_uid()

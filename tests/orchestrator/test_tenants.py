@@ -12,11 +12,11 @@ import httpx
 import psycopg
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from orchestrator.api import create_app
 from orchestrator.api.app import PUBLIC_PATHS, iter_routes
+from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import ApiSettings
 
 pytestmark = pytest.mark.integration
@@ -50,8 +50,14 @@ def routes() -> list[tuple[str, str]]:
     )
 
 
+def _chest_film() -> bytes:
+    """A paediatric chest CR film the chest models take (a CT slice is not_applicable)."""
+    images, _ = load_samples()
+    return radiograph(images[0], study_uid=generate_uid(), size=256)
+
+
 def _ct(study_uid: str) -> bytes:
-    ds = dcmread(str(get_testdata_file("CT_small.dcm")))
+    ds = dcmread(io.BytesIO(_chest_film()))
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = generate_uid()
     ds.SOPInstanceUID = generate_uid()

@@ -241,6 +241,8 @@ def test_flipped_byte_fails_the_instance_before_preprocessing(
     for i in range(3):
         ds = dcmread(io.BytesIO(_dicom(f"FLIP{i}")))
         ds.StudyInstanceUID = study_uid
+        # One patient per study (ingest refuses an instance of another patient).
+        ds.PatientName, ds.PatientID = "FLIP^PATIENT", "FLIP-PATIENT"
         buf = io.BytesIO()
         ds.save_as(buf)
         files.append((f"f{i}.dcm", buf.getvalue()))
@@ -381,6 +383,8 @@ def test_truncated_objects_fail_their_instance_and_the_rest_is_inferred(
     for i in range(4):
         ds = dcmread(io.BytesIO(_dicom(f"CUT{i}")))
         ds.StudyInstanceUID = study_uid
+        # One patient per study (ingest refuses an instance of another patient).
+        ds.PatientName, ds.PatientID = "CUT^PATIENT", "CUT-PATIENT"
         buf = io.BytesIO()
         ds.save_as(buf)
         files.append((f"f{i}.dcm", buf.getvalue()))

@@ -54,7 +54,7 @@ def _source(shape: str) -> bytes:
         generate_uid(),
         generate_uid(),
     )
-    del ds.PatientBirthDate
+    ds.pop("PatientBirthDate", None)
     if shape in ("empty charset", "all"):
         _raw(ds, 0x00080005, "CS", b"  ")
     if shape == "unknown charset":

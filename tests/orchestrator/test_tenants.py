@@ -105,8 +105,13 @@ def _concrete(path: str, ids: dict[str, str]) -> str:
 
 def _call(client: httpx.Client, method: str, url: str, ids: dict[str, str]) -> tuple[int, str]:
     # Bodies that name tenant A's data wherever a route takes ids in its body (and a valid
-    # verdict, so the review verdict route answers for the case, not for the body).
-    body = {"study_ids": [ids["study_id"]], "all": False, "verdict": "agree"}
+    # verdict and hold reason, so those routes answer for the case or study, not the body).
+    body = {
+        "study_ids": [ids["study_id"]],
+        "all": False,
+        "verdict": "agree",
+        "reason": "cross-tenant probe",
+    }
     kwargs: dict[str, Any] = {"json": body} if method in ("POST", "PUT") else {}
     with client.stream(method, url, timeout=STREAM_TIMEOUT_S, **kwargs) as r:
         if r.headers.get("content-type", "").startswith("text/event-stream"):
@@ -201,7 +206,10 @@ def test_tenant_b_does_not_see_tenant_a_in_lists_or_audit(
             "/v1/audit", params={"limit": 1000}, headers={"Authorization": f"Bearer {b_admin}"}
         )
         assert audit_b.status_code == 200
-        assert tenant_a["study_id"] not in audit_b.text
+        # B's own refused probes of A's ids (the replay test above) are in B's trail — the id
+        # B itself sent, refused; nothing of A's that B did not already hold is.
+        naming_a = [row for row in audit_b.json()["items"] if tenant_a["study_id"] in str(row)]
+        assert all(row["outcome"] != "ok" for row in naming_a), naming_a
         audit_a = c.get(
             "/v1/audit",
             params={"resource_id": tenant_a["study_id"]},

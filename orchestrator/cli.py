@@ -26,8 +26,10 @@ def _cmd_keys_create(args: argparse.Namespace, settings: CliSettings) -> int:
     import psycopg
 
     from orchestrator.db import upgrade
-    from orchestrator.db.keys import create_key, parse_duration
+    from orchestrator.db.keys import PLATFORM_ROLES, PLATFORM_TENANT, create_key, parse_duration
 
+    if args.tenant is None:
+        args.tenant = PLATFORM_TENANT if args.role in PLATFORM_ROLES else "default"
     upgrade(settings.database_url)
     with psycopg.connect(settings.database_url) as conn:
         key_id, key = create_key(
@@ -154,12 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="apply pending migrations").set_defaults(func=_cmd_db_upgrade)
 
+    from orchestrator.db.keys import PLATFORM_TENANT, ROLES
+
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create", help="create an API key (printed once)")
+    create.add_argument("--role", required=True, choices=list(ROLES))
     create.add_argument(
-        "--role", required=True, choices=["uploader", "reviewer", "ml-engineer", "sre", "admin"]
+        "--tenant",
+        default=None,
+        help=f"default: 'default', or '{PLATFORM_TENANT}' for the platform-* roles",
     )
-    create.add_argument("--tenant", default="default")
     create.add_argument("--name", default=None)
     create.add_argument("--quiet", action="store_true", help="print only the key")
     create.add_argument("--expires-in", default=None, help="e.g. 90d, 12h (default: never)")

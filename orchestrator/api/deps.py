@@ -180,6 +180,26 @@ def require(*roles: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
     return _check
 
 
+def require_platform(*roles: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
+    """Dependency: a platform key holding ``platform-<role>`` (platform-admin always passes).
+
+    For what every tenant shares: a tenant's keys, admin included, are refused."""
+    allowed = {f"platform-{r}" for r in roles} | {"platform-admin"}
+
+    async def _check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+        if principal.role not in allowed:
+            raise PermissionDenied(
+                f"this changes what every tenant gets (model routes, shadows, thresholds and"
+                f" loaded versions are platform-wide), so it needs a platform key with one of"
+                f" {sorted(allowed)}; role {principal.role!r} acts only within its own tenant"
+                f" (create one with `medtriage keys create --role platform-{roles[0]}`)"
+            )
+        return principal
+
+    _check.allowed_roles = frozenset(allowed)  # type: ignore[attr-defined]
+    return _check
+
+
 Uploader = Annotated[Principal, Depends(require("uploader"))]
 Reader = Annotated[Principal, Depends(require("uploader", "reviewer", "ml-engineer"))]
 Admin = Annotated[Principal, Depends(require("admin"))]

@@ -1,0 +1,8 @@
+-- medtriage schema 0016: platform-scoped roles (issue 16). Model routes, shadows, thresholds
+-- and the versions loaded in Triton are shared by every tenant; only a platform key may change
+-- them, so a tenant's ml-engineer or admin can no longer change what other tenants get.
+ALTER TABLE api_keys DROP CONSTRAINT IF EXISTS api_keys_role_check;
+ALTER TABLE api_keys ADD CONSTRAINT api_keys_role_check CHECK (role IN (
+    'uploader', 'reviewer', 'ml-engineer', 'sre', 'admin',
+    'platform-ml-engineer', 'platform-admin'
+));

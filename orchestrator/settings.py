@@ -91,6 +91,9 @@ class CommonSettings(BaseSettings):
     # SSRF guard (orchestrator/security/outbound.py): webhook and PACS target URLs must be
     # public addresses, except in these comma-separated CIDRs (e.g. the hospital's PACS net).
     outbound_allow_networks: str = ""
+    # Ports public destinations may be called on, comma-separated (networks allowed above are
+    # opened on every port). Plain http needs an admin's allow_http on the target as well.
+    outbound_allow_ports: str = "443"
 
     @property
     def queue_name(self) -> str:

@@ -112,7 +112,7 @@ class Policy:
     timeout_s: float = 5.0
 
 
-_PUBLIC = "id, url, events, active, max_attempts, backoff_s, timeout_s, created_at"
+_PUBLIC = "id, url, events, active, max_attempts, backoff_s, timeout_s, allow_http, created_at"
 
 
 def create(
@@ -123,6 +123,7 @@ def create(
     policy: Policy,
     *,
     ring: KeyRing | None = None,
+    allow_http: bool = False,
 ) -> tuple[dict[str, Any], str]:
     """Register an endpoint; returns its row and the signing secret (shown only now). With
     ``ring`` (the deployment's encryption keys) the secret is stored sealed, bound to the
@@ -139,7 +140,8 @@ def create(
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(
             "INSERT INTO webhooks (id, tenant_id, url, secret, events, max_attempts, backoff_s,"
-            f" timeout_s) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_PUBLIC}",
+            f" timeout_s, allow_http) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            f" RETURNING {_PUBLIC}",
             (
                 webhook_id,
                 tenant_id,
@@ -149,6 +151,7 @@ def create(
                 policy.max_attempts,
                 policy.backoff_s,
                 policy.timeout_s,
+                allow_http,
             ),
         ).fetchone()
     assert row is not None
@@ -266,7 +269,7 @@ def claim_due(conn: Connection, limit: int) -> list[dict[str, Any]]:
             "  FOR UPDATE SKIP LOCKED)"
             " RETURNING d.id, d.event, d.payload, d.attempts, w.id AS webhook_id, w.url,"
             " w.secret, w.active,"
-            " w.max_attempts, w.backoff_s, w.timeout_s",
+            " w.max_attempts, w.backoff_s, w.timeout_s, w.allow_http",
             (LEASE_MARGIN_S, limit),
         ).fetchall()
 
@@ -278,7 +281,9 @@ def attempt(
     checked again first (its name may resolve elsewhere since it was registered), and the
     request goes to the address that was checked."""
     try:
-        dest = (outbound or OutboundPolicy()).check(delivery["url"], what="webhook url")
+        dest = (outbound or OutboundPolicy()).check(
+            delivery["url"], what="webhook url", allow_http=bool(delivery.get("allow_http"))
+        )
     except DestinationRefused as exc:
         return False, None, f"refused: {exc.message}"[:ERROR_SNIPPET_CHARS]
     body = body_of(delivery["id"], delivery["event"], delivery["payload"])

@@ -154,7 +154,7 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
     background.start()
     dispatcher = webhooks.Dispatcher(
         settings.database_url,
-        outbound=OutboundPolicy.from_setting(settings.outbound_allow_networks),
+        outbound=OutboundPolicy.from_settings(settings),
         ring=getattr(_CONTEXT.store, "ring", None),
     )
     dispatcher.start()

@@ -142,7 +142,7 @@ class RequestContext:
 
 def create_app(settings: ApiSettings) -> FastAPI:
     # A malformed SSRF allow-list fails start-up, not every later registration.
-    OutboundPolicy.from_setting(settings.outbound_allow_networks)
+    OutboundPolicy.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

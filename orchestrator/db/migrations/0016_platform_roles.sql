@@ -6,3 +6,9 @@ ALTER TABLE api_keys ADD CONSTRAINT api_keys_role_check CHECK (role IN (
     'uploader', 'reviewer', 'ml-engineer', 'sre', 'admin',
     'platform-ml-engineer', 'platform-admin'
 ));
+
+-- Outbound targets are https only; plain http only where an admin allowed it for the target
+-- (orchestrator/security/outbound.py). Existing plain-http targets are refused at send time
+-- until an admin registers them again with allow_http.
+ALTER TABLE webhooks ADD COLUMN allow_http boolean NOT NULL DEFAULT false;
+ALTER TABLE pacs_targets ADD COLUMN allow_http boolean NOT NULL DEFAULT false;

@@ -24,6 +24,7 @@ from orchestrator.api import exports as exports_api
 from orchestrator.api import review as review_api
 from orchestrator.api import webhooks as webhooks_api
 from orchestrator.api.deps import Services
+from orchestrator.api.security_headers import SecurityHeaders
 from orchestrator.arrivals import Sweeper
 from orchestrator.db import connect_pool, upgrade
 from orchestrator.errors import DependencyUnavailable, MedtriageError
@@ -45,6 +46,8 @@ PUBLIC_PATHS = frozenset(
         "/docs/oauth2-redirect",
         "/redoc",
         "/review",  # the reviewer page's shell; its data routes need a reviewer key
+        "/review/app.js",
+        "/review/app.css",
     }
 )
 
@@ -184,6 +187,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         return metrics_collectors.worker_targets(request.app.state.services)
 
     app.add_middleware(RequestContext)
+    app.add_middleware(SecurityHeaders, tls=bool(settings.tls_certfile and settings.tls_keyfile))
 
     @app.exception_handler(MedtriageError)
     async def medtriage_error(request: Request, exc: MedtriageError) -> JSONResponse:

@@ -150,6 +150,9 @@ class ApiSettings(CommonSettings):
     rate_limit_burst: int = 200
     # /docs, /redoc and /openapi.json; turn off in production.
     docs_enabled: bool = True
+    # The reverse proxies in front of the API (comma-separated addresses / CIDRs): only
+    # their X-Forwarded-For is believed for the audit's source_ip (api/origin.py).
+    trusted_proxies: str = ""
     # TLS for the API: both files set = HTTPS only (TLS 1.2 or newer).
     tls_certfile: str = ""
     tls_keyfile: str = ""

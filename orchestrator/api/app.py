@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,7 +18,7 @@ from orchestrator import metrics
 from orchestrator import queue as jobqueue
 from orchestrator.api import admin as admin_api
 from orchestrator.api import dicomweb as dicomweb_api
-from orchestrator.api import events, health, metrics_collectors, models, ops, studies
+from orchestrator.api import events, health, metrics_collectors, models, ops, origin, studies
 from orchestrator.api import exports as exports_api
 from orchestrator.api import review as review_api
 from orchestrator.api import webhooks as webhooks_api
@@ -103,24 +102,31 @@ def _arrivals_sweeper(services: Services) -> Sweeper:
 
 
 class RequestContext:
-    """Request id (``x-request-id``, taken from the client or made) and the request metrics,
-    per route template.
+    """Request id (``x-request-id``: the client's if it is a short token, else made), the
+    source address (``X-Forwarded-For`` only from trusted proxies: ``api/origin.py``) and
+    the request metrics, per route template.
 
     A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) passes
     every body chunk through extra tasks and streams, which cost an upload about a tenth of
     the API's CPU (benchmarks/profile_stack.py) and buffer streamed responses.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, trusted_proxies: str = "") -> None:
         self.app = app
+        self.trusted = origin.parse_trusted(trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or ())
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        request_id = origin.request_id(headers.get(b"x-request-id", b"").decode("latin-1"))
         scope.setdefault("state", {})["request_id"] = request_id
+        client = scope.get("client")
+        if client:
+            forwarded = headers.get(b"x-forwarded-for", b"").decode("latin-1")
+            source = origin.source_address(client[0], forwarded, self.trusted)
+            scope["client"] = (source, client[1])
         started = time.perf_counter()
 
         def observe(status: int) -> None:
@@ -146,6 +152,7 @@ class RequestContext:
 def create_app(settings: ApiSettings) -> FastAPI:
     # A malformed SSRF allow-list fails start-up, not every later registration.
     OutboundPolicy.from_settings(settings)
+    origin.parse_trusted(settings.trusted_proxies)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -186,7 +193,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         # Prometheus HTTP service discovery: the workers' own metrics endpoints.
         return metrics_collectors.worker_targets(request.app.state.services)
 
-    app.add_middleware(RequestContext)
+    app.add_middleware(RequestContext, trusted_proxies=settings.trusted_proxies)
     app.add_middleware(SecurityHeaders, tls=bool(settings.tls_certfile and settings.tls_keyfile))
 
     @app.exception_handler(MedtriageError)

@@ -148,6 +148,12 @@ class ApiSettings(CommonSettings):
     # Per-key token bucket: sustained requests per second and burst; 0 turns limiting off.
     rate_limit_per_s: float = 20.0
     rate_limit_burst: int = 200
+    # Per source address, before authentication: failed authentications allowed in a burst,
+    # then per second; beyond that 429 without a key lookup (security/refusals.py).
+    auth_failure_burst: int = 30
+    auth_failure_rate_per_s: float = 0.5
+    # Refused keys are audited as one row per source per this interval, with a count.
+    refused_audit_interval_s: float = 60.0
     # /docs, /redoc and /openapi.json; turn off in production.
     docs_enabled: bool = True
     # The reverse proxies in front of the API (comma-separated addresses / CIDRs): only

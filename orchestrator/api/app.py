@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator import metrics
@@ -22,11 +23,12 @@ from orchestrator.api import events, health, metrics_collectors, models, ops, or
 from orchestrator.api import exports as exports_api
 from orchestrator.api import review as review_api
 from orchestrator.api import webhooks as webhooks_api
-from orchestrator.api.deps import Services
+from orchestrator.api.deps import Services, audit_refused_access, refused_keys
 from orchestrator.api.security_headers import SecurityHeaders
 from orchestrator.arrivals import Sweeper
 from orchestrator.db import connect_pool, upgrade
-from orchestrator.errors import DependencyUnavailable, MedtriageError
+from orchestrator.errors import DependencyUnavailable, MedtriageError, NotFound, PermissionDenied
+from orchestrator.security import refusals
 from orchestrator.security.outbound import OutboundPolicy
 from orchestrator.settings import ApiSettings
 from orchestrator.storage import open_store
@@ -159,10 +161,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.state.services = _services(settings)
         app.state.scrape_registry = metrics_collectors.build_registry(app.state.services)
         sweeper = _arrivals_sweeper(app.state.services).start()
+        flusher = refusals.Flusher(refused_keys(app.state.services), app.state.services.pool)
+        flusher.start()
         try:
             yield
         finally:
             sweeper.stop()
+            flusher.stop()
             app.state.services.pool.close()
             app.state.services.redis.close()
 
@@ -198,6 +203,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
 
     @app.exception_handler(MedtriageError)
     async def medtriage_error(request: Request, exc: MedtriageError) -> JSONResponse:
+        if isinstance(exc, NotFound | PermissionDenied):
+            await run_in_threadpool(audit_refused_access, request, exc)
         headers = getattr(exc, "headers", None)  # e.g. RateLimited's Retry-After
         if isinstance(exc, DependencyUnavailable) and headers is None:
             headers = {"Retry-After": "5"}

@@ -94,6 +94,10 @@ class CommonSettings(BaseSettings):
     # Ports public destinations may be called on, comma-separated (networks allowed above are
     # opened on every port). Plain http needs an admin's allow_http on the target as well.
     outbound_allow_ports: str = "443"
+    # Audit anchors (security/anchors.py): the HMAC key (kept outside the database; empty =
+    # no anchors) and how often the API anchors the chain's head in the object store.
+    audit_anchor_key: str = ""
+    audit_anchor_interval_s: float = 300.0
 
     @property
     def queue_name(self) -> str:

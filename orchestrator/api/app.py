@@ -28,7 +28,7 @@ from orchestrator.api.security_headers import SecurityHeaders
 from orchestrator.arrivals import Sweeper
 from orchestrator.db import connect_pool, upgrade
 from orchestrator.errors import DependencyUnavailable, MedtriageError, NotFound, PermissionDenied
-from orchestrator.security import refusals
+from orchestrator.security import anchors, refusals
 from orchestrator.security.outbound import OutboundPolicy
 from orchestrator.settings import ApiSettings
 from orchestrator.storage import open_store
@@ -163,11 +163,18 @@ def create_app(settings: ApiSettings) -> FastAPI:
         sweeper = _arrivals_sweeper(app.state.services).start()
         flusher = refusals.Flusher(refused_keys(app.state.services), app.state.services.pool)
         flusher.start()
+        anchorer = anchors.from_settings(
+            settings, app.state.services.pool, app.state.services.store
+        )
+        if anchorer is not None:
+            anchorer.start()
         try:
             yield
         finally:
             sweeper.stop()
             flusher.stop()
+            if anchorer is not None:
+                anchorer.stop()
             app.state.services.pool.close()
             app.state.services.redis.close()
 

@@ -13,12 +13,38 @@ from pydantic import ValidationError
 from orchestrator import logfilter
 from orchestrator.settings import ApiSettings, CliSettings, WorkerSettings
 
+# The application role's database password, when set by `medtriage db app-login`.
+APP_PASSWORD_MIN_CHARS = 16
+
 
 def _cmd_db_upgrade(args: argparse.Namespace, settings: CliSettings) -> int:
     from orchestrator.db import upgrade
 
     applied = upgrade(settings.database_url)
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    return 0
+
+
+def _cmd_db_app_login(args: argparse.Namespace, settings: CliSettings) -> int:
+    """Let ``medtriage_app`` (made NOLOGIN by migration 0006) log in with the password in
+    $MEDTRIAGE_APP_DB_PASSWORD; run as the owner, after `db upgrade`."""
+    import os
+
+    import psycopg
+    from psycopg import sql
+
+    password = os.environ.get("MEDTRIAGE_APP_DB_PASSWORD", "")
+    if len(password) < APP_PASSWORD_MIN_CHARS:
+        print(
+            f"set MEDTRIAGE_APP_DB_PASSWORD (at least {APP_PASSWORD_MIN_CHARS} characters)",
+            file=sys.stderr,
+        )
+        return 1
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER ROLE medtriage_app LOGIN PASSWORD {}").format(sql.Literal(password))
+        )
+    print("medtriage_app may log in; point the API and workers at it")
     return 0
 
 
@@ -155,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="apply pending migrations").set_defaults(func=_cmd_db_upgrade)
+    db.add_parser(
+        "app-login", help="let medtriage_app log in ($MEDTRIAGE_APP_DB_PASSWORD); as the owner"
+    ).set_defaults(func=_cmd_db_app_login)
 
     from orchestrator.db.keys import PLATFORM_TENANT, ROLES
 

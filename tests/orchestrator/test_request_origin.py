@@ -1,7 +1,8 @@
 """Audit fields a client cannot forge (issue 16, item 7): ``X-Forwarded-For`` counts only
 when the connection comes from a configured trusted proxy (MEDTRIAGE_TRUSTED_PROXIES), and
 a client's ``X-Request-ID`` is kept only when it is a short token (else a fresh id is made
-and returned). Checked on the audit row of a refused key, over the real PostgreSQL."""
+and returned). Checked on the audit row of a refused access (a signed-in caller's 404, one
+row per request), over the real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from orchestrator.settings import ApiSettings
 
 pytestmark = pytest.mark.integration
 
-BAD_KEY = {"Authorization": "Bearer mt_000000000000_nope"}
 GENERATED = re.compile(r"[0-9a-f]{32}")
 
 
@@ -32,18 +32,25 @@ def _row(database_url: str, request_id: str) -> tuple[str, str]:
     return str(row[0]), str(row[1])
 
 
-def test_forwarded_for_from_an_untrusted_peer_is_ignored(stack: Any, database_url: str) -> None:
+def _probe() -> str:
+    return f"/v1/studies/{uuid4()}"
+
+
+def test_forwarded_for_from_an_untrusted_peer_is_ignored(
+    stack: Any, database_url: str, make_key: Any
+) -> None:
     """The real API process (uvicorn) with no trusted proxy: a client on loopback cannot
     name another source, and markup as a request id is replaced."""
+    key = make_key("uploader", tenant="tenant-origin")
     r = httpx.get(
-        f"{stack.api_url}/v1/studies",
+        f"{stack.api_url}{_probe()}",
         headers={
-            **BAD_KEY,
+            "Authorization": f"Bearer {key}",
             "X-Forwarded-For": "203.0.113.66",
             "X-Request-ID": "<script>alert(1)</script>",
         },
     )
-    assert r.status_code == 401
+    assert r.status_code == 404
     request_id = r.headers["x-request-id"]
     assert GENERATED.fullmatch(request_id), request_id
     assert _row(database_url, request_id) == ("127.0.0.1", request_id)
@@ -64,17 +71,27 @@ def test_forwarded_for_from_an_untrusted_peer_is_ignored(stack: Any, database_ur
     ids=["one-hop", "two-proxies", "client-spoof-left", "garbage", "untrusted-peer"],
 )
 def test_trusted_proxies(
-    settings_env: dict[str, str], database_url: str, peer: str, forwarded: str, source: str
+    settings_env: dict[str, str],
+    database_url: str,
+    make_key: Any,
+    peer: str,
+    forwarded: str,
+    source: str,
 ) -> None:
+    key = make_key("uploader", tenant="tenant-origin")
     fields = {k.removeprefix("MEDTRIAGE_").lower(): v for k, v in settings_env.items()}
     fields["trusted_proxies"] = "10.0.0.0/8"
     given = f"req-{uuid4().hex[:12]}"
     with TestClient(create_app(ApiSettings(**fields)), client=(peer, 40000)) as api:
         r = api.get(
-            "/v1/studies",
-            headers={**BAD_KEY, "X-Forwarded-For": forwarded, "X-Request-ID": given},
+            _probe(),
+            headers={
+                "Authorization": f"Bearer {key}",
+                "X-Forwarded-For": forwarded,
+                "X-Request-ID": given,
+            },
         )
-    assert r.status_code == 401
+    assert r.status_code == 404
     request_id = r.headers["x-request-id"]
     assert request_id == given  # a short token is kept
     assert _row(database_url, request_id) == (source, request_id)

@@ -19,7 +19,14 @@ from pydicom.uid import generate_uid
 
 from orchestrator import lifecycle
 from orchestrator.cli.stack import LocalStack
-from orchestrator.samples import load_samples, radiograph
+from orchestrator.samples import (
+    BREAST_SAMPLES_FILE,
+    FUNDUS_SAMPLES_FILE,
+    fundus_photo,
+    load_samples,
+    radiograph,
+    ultrasound,
+)
 from orchestrator.settings import CliSettings
 from orchestrator.store.db import upgrade
 from orchestrator.store.db.keys import create_key
@@ -32,7 +39,8 @@ TERMINAL = lifecycle.TERMINAL_VALUES
 
 
 def sample_studies() -> list[dict[str, Any]]:
-    """Five studies: chest radiographs (normal, pneumonia, STAT mixed), CT+MR, one bad file."""
+    """Chest radiographs (normal, pneumonia, STAT mixed), a breast ultrasound, a fundus
+    photograph, CT + MR (no model set takes them), and a study with one bad file."""
     images, labels = load_samples()
     normal = [i for i, y in enumerate(labels) if y == 0]
     pneumonia = [i for i, y in enumerate(labels) if y == 1]
@@ -56,12 +64,31 @@ def sample_studies() -> list[dict[str, Any]]:
         expected = ["pneumonia" if labels[i] else "normal" for i in picks]
         return {"name": name, "files": files, "expected": expected}
 
+    breast, breast_labels = load_samples(BREAST_SAMPLES_FILE)
+    retina, retina_labels = load_samples(FUNDUS_SAMPLES_FILE)
+    us_uid, op_uid = generate_uid(), generate_uid()
     ct = Path(str(get_testdata_file("CT_small.dcm")))
     mr = Path(str(get_testdata_file("MR_small.dcm")))
     return [
         chest("chest-normal", normal[:4]),
         chest("chest-pneumonia", pneumonia[:4]),
         chest("chest-stat", [normal[4], pneumonia[4]], priority="STAT"),
+        {
+            "name": "breast-us",
+            "files": [
+                (f"us-{n}.dcm", ultrasound(breast[i], study_uid=us_uid, instance_number=n + 1))
+                for n, i in enumerate((0, 4))
+            ],
+            "expected": [int(breast_labels[i]) for i in (0, 4)],
+        },
+        {
+            "name": "fundus",
+            "files": [
+                (f"op-{n}.dcm", fundus_photo(retina[i], study_uid=op_uid, instance_number=n + 1))
+                for n, i in enumerate((0, 6))
+            ],
+            "expected": [int(retina_labels[i]) for i in (0, 6)],
+        },
         {
             "name": "ct-mr-mixed",
             "files": [("CT_small.dcm", ct.read_bytes()), ("MR_small.dcm", mr.read_bytes())],

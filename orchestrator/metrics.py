@@ -16,12 +16,15 @@ endpoint per process is the Prometheus-native model and ``sum()`` aggregates in 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,8 @@ INGEST_CONFLICT_KINDS = ("patient_mismatch", "instance_conflict")
 INFERENCE_ERRORS = ("unavailable", "timeout", "invalid_output", "error")
 WEBHOOK_OUTCOMES = ("delivered", "retry", "dead")
 REVIEW_FIGURES = ("accuracy", "sensitivity", "specificity")
+# How a supervised worker child ended before it was started again (supervisor.py).
+CHILD_EXITS = ("signal", "error", "clean")
 LABEL_VALUES: dict[str, tuple[str, ...]] = {
     "stage": STAGES,
     "arm": ARMS,
@@ -67,6 +72,7 @@ LABEL_VALUES: dict[str, tuple[str, ...]] = {
     "role": ("uploader", "reviewer", "ml-engineer", "sre", "admin"),
     "delivery_outcome": WEBHOOK_OUTCOMES,
     "figure": REVIEW_FIGURES,
+    "exit": CHILD_EXITS,
 }
 
 # --- API -------------------------------------------------------------------------------
@@ -121,6 +127,16 @@ STAGE_LATENCY = Histogram(
 JOBS_IN_FLIGHT = Gauge("medtriage_jobs_in_flight", "Study jobs running in this worker process.")
 JOB_RETRIES = Counter(
     "medtriage_job_retries_total", "Study job attempts after the first (retries)."
+)
+WORKER_RESTARTS = Counter(
+    "medtriage_worker_restarts_total",
+    "Worker processes started again by `medtriage worker`'s supervisor, by how the previous"
+    " one ended (killed by a signal, exited with an error, exited cleanly unasked).",
+    ["exit"],
+)
+WORKER_PROCESSES = Gauge(
+    "medtriage_worker_processes",
+    "Worker processes a supervisor keeps running now (configured: MEDTRIAGE_CONCURRENCY).",
 )
 DEAD_LETTERS = Counter(
     "medtriage_dead_letters_total",
@@ -256,10 +272,77 @@ def advertised_host(address: str) -> str:
     return socket.gethostname() if address in ("0.0.0.0", "::", "") else address
 
 
+# A process's endpoint is announced again this often: Redis keeps nothing on disk, so after a
+# restart the endpoint is listed again (and scraped) within this, not at the process's restart.
+ANNOUNCE_INTERVAL_S = 5.0
+# An announcement counts this long; a process killed without withdrawing its endpoint drops
+# out of the targets after it.
+ENDPOINT_TTL_S = 3 * ANNOUNCE_INTERVAL_S
+
+
+def endpoint_alive_key(queue_prefix: str, worker: str) -> str:
+    return f"{queue_prefix}:metrics-alive:{worker}"
+
+
 def register_endpoint(redis: Any, queue_prefix: str, worker: str, host: str, port: int) -> None:
-    """Announce a worker's endpoint; the API serves the set as Prometheus HTTP SD targets."""
-    redis.hset(endpoints_key(queue_prefix), worker, f"{host}:{port}")
+    """Announce a worker's endpoint for ENDPOINT_TTL_S; the API serves the announced set as
+    Prometheus HTTP SD targets."""
+    with redis.pipeline() as pipe:
+        pipe.hset(endpoints_key(queue_prefix), worker, f"{host}:{port}")
+        pipe.set(endpoint_alive_key(queue_prefix, worker), "1", ex=int(ENDPOINT_TTL_S))
+        pipe.execute()
 
 
 def unregister_endpoint(redis: Any, queue_prefix: str, worker: str) -> None:
-    redis.hdel(endpoints_key(queue_prefix), worker)
+    with redis.pipeline() as pipe:
+        pipe.hdel(endpoints_key(queue_prefix), worker)
+        pipe.delete(endpoint_alive_key(queue_prefix, worker))
+        pipe.execute()
+
+
+def announced_endpoints(redis: Any, queue_prefix: str) -> list[str]:
+    """host:port of every endpoint announced within ENDPOINT_TTL_S."""
+    raw = redis.hgetall(endpoints_key(queue_prefix))
+    names = [k.decode() if isinstance(k, bytes) else str(k) for k in raw]
+    fresh = redis.mget([endpoint_alive_key(queue_prefix, n) for n in names]) if names else []
+    return sorted(
+        v.decode() if isinstance(v, bytes) else str(v)
+        for v, alive in zip(raw.values(), fresh, strict=True)
+        if alive is not None
+    )
+
+
+class Announcer(threading.Thread):
+    """Keeps one process's metrics endpoint in the Redis hash behind ``/metrics/targets``."""
+
+    def __init__(
+        self,
+        redis: Any,
+        queue_prefix: str,
+        name: str,
+        host: str,
+        port: int,
+        interval_s: float = ANNOUNCE_INTERVAL_S,
+    ) -> None:
+        super().__init__(name="medtriage-metrics-announcer", daemon=True)
+        self.redis = redis
+        self.args = (queue_prefix, name, host, port)
+        self.interval_s = interval_s
+        self.stopping = threading.Event()
+
+    def announce(self) -> None:
+        try:
+            register_endpoint(self.redis, *self.args)
+        except RedisError as exc:
+            log.warning("metrics endpoint not announced: %s", type(exc).__name__)
+
+    def run(self) -> None:
+        while True:
+            self.announce()
+            if self.stopping.wait(self.interval_s):
+                return
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with contextlib.suppress(RedisError):
+            unregister_endpoint(self.redis, self.args[0], self.args[1])

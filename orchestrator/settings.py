@@ -7,8 +7,10 @@ settings global. Defaults describe the local stack on one machine.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -76,16 +78,54 @@ class CommonSettings(BaseSettings):
     # entries, comma-separated; the first encrypts new objects, all stay readable (rotation).
     # Empty = objects stored as given (only for throwaway local use).
     storage_encryption_keys: str = ""
+    # The same entries read from a mounted secret (Docker/Kubernetes secret file) instead.
+    storage_encryption_keys_file: Path | None = None
+    # "local": one machine, the demo; a local store without keys gets a key file beside its
+    # folder (<objects>.storage-key). Anything else ("production"): keys come from the
+    # environment or a mounted secret (or S3 SSE-KMS), never a file made beside the data,
+    # and a keys file inside the store's folder is refused at start.
+    deployment: Literal["local", "production"] = "local"
     # S3 server-side encryption: "AES256" (SSE-S3) or "aws:kms" (SSE-KMS, with the key id below).
     s3_sse: str = "AES256"
     s3_kms_key_id: str = ""
     # SSRF guard (orchestrator/security/outbound.py): webhook and PACS target URLs must be
     # public addresses, except in these comma-separated CIDRs (e.g. the hospital's PACS net).
     outbound_allow_networks: str = ""
+    # Ports public destinations may be called on, comma-separated (networks allowed above are
+    # opened on every port). Plain http needs an admin's allow_http on the target as well.
+    outbound_allow_ports: str = "443"
+    # Audit anchors (security/anchors.py): the HMAC key (kept outside the database; empty =
+    # no anchors) and how often the API anchors the chain's head in the object store.
+    audit_anchor_key: str = ""
+    audit_anchor_interval_s: float = 300.0
 
     @property
     def queue_name(self) -> str:
         return f"{self.queue_prefix}:studies"
+
+    @model_validator(mode="after")
+    def _storage_keys(self) -> CommonSettings:
+        """Refuse, at start, storage keys kept with the data they protect (issue 16, item 12)."""
+        store = urlparse(self.storage_url)
+        folder = Path(store.path).resolve() if store.scheme == "file" else None
+        if self.storage_encryption_keys_file is not None:
+            path = self.storage_encryption_keys_file.resolve()
+            if folder is not None and path.is_relative_to(folder):
+                raise ValueError(
+                    f"MEDTRIAGE_STORAGE_ENCRYPTION_KEYS_FILE {path} is inside the object store"
+                    f" {folder}: whoever can read the objects could read their key; mount it"
+                    " elsewhere (e.g. /run/secrets/)"
+                )
+            if self.storage_encryption_keys:
+                raise ValueError("set MEDTRIAGE_STORAGE_ENCRYPTION_KEYS or ..._KEYS_FILE, not both")
+            self.storage_encryption_keys = path.read_text().strip()
+        if self.deployment != "local" and folder is not None and not self.storage_encryption_keys:
+            raise ValueError(
+                f"deployment {self.deployment!r} with a local object store needs its keys from"
+                " MEDTRIAGE_STORAGE_ENCRYPTION_KEYS or MEDTRIAGE_STORAGE_ENCRYPTION_KEYS_FILE"
+                f" (a mounted secret), not a key file made beside {folder}"
+            )
+        return self
 
 
 class ApiSettings(CommonSettings):
@@ -112,8 +152,17 @@ class ApiSettings(CommonSettings):
     # Per-key token bucket: sustained requests per second and burst; 0 turns limiting off.
     rate_limit_per_s: float = 20.0
     rate_limit_burst: int = 200
+    # Per source address, before authentication: failed authentications allowed in a burst,
+    # then per second; beyond that 429 without a key lookup (security/refusals.py).
+    auth_failure_burst: int = 30
+    auth_failure_rate_per_s: float = 0.5
+    # Refused keys are audited as one row per source per this interval, with a count.
+    refused_audit_interval_s: float = 60.0
     # /docs, /redoc and /openapi.json; turn off in production.
     docs_enabled: bool = True
+    # The reverse proxies in front of the API (comma-separated addresses / CIDRs): only
+    # their X-Forwarded-For is believed for the audit's source_ip (api/origin.py).
+    trusted_proxies: str = ""
     # TLS for the API: both files set = HTTPS only (TLS 1.2 or newer).
     tls_certfile: str = ""
     tls_keyfile: str = ""

@@ -14,6 +14,9 @@ from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 # Robust automatic window when the image has none: these percentiles of the values.
 AUTO_WINDOW_LOW_PCT = 0.5
 AUTO_WINDOW_HIGH_PCT = 99.5
+# Unsigned images of at most this many bits stored carry display values: with no window tags
+# their full range is used (wider ones get the automatic window).
+FULL_RANGE_MAX_BITS = 8
 
 
 def _first(value: object) -> float:
@@ -54,7 +57,8 @@ def voi(values: np.ndarray, ds: Dataset, *, mode: str) -> tuple[np.ndarray, list
     """Map modality values to [0, 1] display values.
 
     (0028,3010) VOI LUT Sequence, else (0028,1050) WindowCenter / (0028,1051) WindowWidth with
-    (0028,1056) VOILUTFunction (LINEAR, LINEAR_EXACT, SIGMOID), else an automatic window.
+    (0028,1056) VOILUTFunction (LINEAR, LINEAR_EXACT, SIGMOID), else for unsigned images of
+    ≤ 8 bits (0028,0101) BitsStored their full range, else an automatic window.
     """
     warnings: list[str] = []
     if mode == "auto" and "VOILUTSequence" in ds:
@@ -81,6 +85,14 @@ def voi(values: np.ndarray, ds: Dataset, *, mode: str) -> tuple[np.ndarray, list
                 windowed = (values - (c - 0.5)) / (w - 1) + 0.5
             return np.clip(windowed, 0.0, 1.0).astype(np.float32), warnings
         warnings.append("window_invalid")
+    bits = int(ds.get("BitsStored", 0) or 0)
+    if bits and bits <= FULL_RANGE_MAX_BITS and not int(ds.get("PixelRepresentation", 0) or 0):
+        # 8-bit grayscale (ultrasound, photographs, secondary captures) is already display
+        # values: stretching it to percentiles moved a breast frame ~20 grey levels RMS away
+        # from the data set's image. Its full range is its window.
+        warnings.append("no_window_full_range")
+        top = float((1 << bits) - 1)
+        return np.clip(values / top, 0.0, 1.0).astype(np.float32), warnings
     warnings.append("no_window_auto_used")
     low, high = auto_window(values)
     return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32), warnings

@@ -94,6 +94,9 @@ def settings_env(
         # has its own test (test_jwt.py) with tight limits.
         "MEDTRIAGE_RATE_LIMIT_PER_S": "1000",
         "MEDTRIAGE_RATE_LIMIT_BURST": "5000",
+        # Every test's refused keys come from 127.0.0.1; the per-source limit before
+        # authentication has its own test (test_refusals.py) with tight limits.
+        "MEDTRIAGE_AUTH_FAILURE_BURST": "100000",
         # Webhook receivers and PACS (Orthanc) of the tests listen on loopback; the SSRF
         # guard refuses loopback unless allowed (test_outbound.py checks it without this).
         "MEDTRIAGE_OUTBOUND_ALLOW_NETWORKS": "127.0.0.0/8,::1/128",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,11 +12,12 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator import metrics
-from orchestrator.api import metrics_collectors
-from orchestrator.api.deps import Services
+from orchestrator.api import metrics_collectors, origin
+from orchestrator.api.deps import Services, audit_refused_access, refused_keys
 from orchestrator.api.routes import (
     admin,
     dicomweb,
@@ -30,9 +30,11 @@ from orchestrator.api.routes import (
     studies,
     webhooks,
 )
-from orchestrator.errors import DependencyUnavailable, MedtriageError
+from orchestrator.api.security_headers import SecurityHeaders
+from orchestrator.errors import DependencyUnavailable, MedtriageError, NotFound, PermissionDenied
 from orchestrator.ingest.arrivals import Sweeper
 from orchestrator.queue import jobs as jobqueue
+from orchestrator.security import anchors, refusals
 from orchestrator.security.outbound import OutboundPolicy
 from orchestrator.settings import ApiSettings
 from orchestrator.store.db import connect_pool, upgrade
@@ -52,6 +54,8 @@ PUBLIC_PATHS = frozenset(
         "/docs/oauth2-redirect",
         "/redoc",
         "/review",  # the reviewer page's shell; its data routes need a reviewer key
+        "/review/app.js",
+        "/review/app.css",
     }
 )
 
@@ -107,24 +111,31 @@ def _arrivals_sweeper(services: Services) -> Sweeper:
 
 
 class RequestContext:
-    """Request id (``x-request-id``, taken from the client or made) and the request metrics,
-    per route template.
+    """Request id (``x-request-id``: the client's if it is a short token, else made), the
+    source address (``X-Forwarded-For`` only from trusted proxies: ``api/origin.py``) and
+    the request metrics, per route template.
 
     A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) passes
     every body chunk through extra tasks and streams, which cost an upload about a tenth of
     the API's CPU (benchmarks/profile_stack.py) and buffer streamed responses.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, trusted_proxies: str = "") -> None:
         self.app = app
+        self.trusted = origin.parse_trusted(trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or ())
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        request_id = origin.request_id(headers.get(b"x-request-id", b"").decode("latin-1"))
         scope.setdefault("state", {})["request_id"] = request_id
+        client = scope.get("client")
+        if client:
+            forwarded = headers.get(b"x-forwarded-for", b"").decode("latin-1")
+            source = origin.source_address(client[0], forwarded, self.trusted)
+            scope["client"] = (source, client[1])
         started = time.perf_counter()
 
         def observe(status: int) -> None:
@@ -149,17 +160,28 @@ class RequestContext:
 
 def create_app(settings: ApiSettings) -> FastAPI:
     # A malformed SSRF allow-list fails start-up, not every later registration.
-    OutboundPolicy.from_setting(settings.outbound_allow_networks)
+    OutboundPolicy.from_settings(settings)
+    origin.parse_trusted(settings.trusted_proxies)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = _services(settings)
         app.state.scrape_registry = metrics_collectors.build_registry(app.state.services)
         sweeper = _arrivals_sweeper(app.state.services).start()
+        flusher = refusals.Flusher(refused_keys(app.state.services), app.state.services.pool)
+        flusher.start()
+        anchorer = anchors.from_settings(
+            settings, app.state.services.pool, app.state.services.store
+        )
+        if anchorer is not None:
+            anchorer.start()
         try:
             yield
         finally:
             sweeper.stop()
+            flusher.stop()
+            if anchorer is not None:
+                anchorer.stop()
             app.state.services.pool.close()
             app.state.services.redis.close()
 
@@ -190,10 +212,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
         # Prometheus HTTP service discovery: the workers' own metrics endpoints.
         return metrics_collectors.worker_targets(request.app.state.services)
 
-    app.add_middleware(RequestContext)
+    app.add_middleware(RequestContext, trusted_proxies=settings.trusted_proxies)
+    app.add_middleware(SecurityHeaders, tls=bool(settings.tls_certfile and settings.tls_keyfile))
 
     @app.exception_handler(MedtriageError)
     async def medtriage_error(request: Request, exc: MedtriageError) -> JSONResponse:
+        if isinstance(exc, NotFound | PermissionDenied):
+            await run_in_threadpool(audit_refused_access, request, exc)
         headers = getattr(exc, "headers", None)  # e.g. RateLimited's Retry-After
         if isinstance(exc, DependencyUnavailable) and headers is None:
             headers = {"Retry-After": "5"}

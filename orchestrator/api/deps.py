@@ -1,16 +1,20 @@
 """Request-scoped dependencies: the app's services, the caller's identity and role checks.
 
 A caller is an API key (``mt_<prefix>_<secret>``, integration clients and services) or a
-person's OIDC bearer token (a JWT checked against the configured issuer's JWKS). Every
-refusal is audited; every accepted caller is rate limited per principal.
+person's OIDC bearer token (a JWT checked against the configured issuer's JWKS). Refused
+keys are limited per source before any lookup and audited in aggregate, one row per source
+and interval (``security/refusals.py``); every accepted caller is rate limited per
+principal.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
+from uuid import UUID
 
 from fastapi import Depends, Request
 from psycopg import Connection
@@ -18,15 +22,23 @@ from psycopg_pool import ConnectionPool
 from redis import Redis
 from redis.exceptions import RedisError
 
-from orchestrator.errors import AuthenticationError, DependencyUnavailable, PermissionDenied
+from orchestrator.errors import (
+    AuthenticationError,
+    DependencyUnavailable,
+    MedtriageError,
+    NotFound,
+    PermissionDenied,
+)
 from orchestrator.ingest.core import FileOutcome
-from orchestrator.security import breakglass, oidc
-from orchestrator.security.ratelimit import RateLimiter
+from orchestrator.security import breakglass, oidc, refusals
+from orchestrator.security.ratelimit import RateLimited, RateLimiter
 from orchestrator.settings import ApiSettings
 from orchestrator.store.db import keys, translate_errors
 from orchestrator.store.db.audit import record, record_upload, tally
 from orchestrator.store.db.keys import Principal
 from orchestrator.store.objects import ObjectStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,6 +92,13 @@ def _limiter(services: Services) -> RateLimiter:
     return limiter
 
 
+def refused_keys(services: Services) -> refusals.RefusedKeys:
+    if "refused" not in services.cache:
+        services.cache["refused"] = refusals.from_services(services)
+    refused: refusals.RefusedKeys = services.cache["refused"]
+    return refused
+
+
 def _person(services: Services, conn: Any, token: str) -> tuple[Principal | None, str]:
     verifier = _verifier(services)
     if verifier is None:
@@ -116,6 +135,15 @@ def _source(request: Request) -> str | None:
 def authenticate(request: Request, services: ServicesDep) -> Principal:
     token = _presented_key(request)
     reason = "missing key or token"
+    source = _source(request)
+    try:
+        try:
+            refused_keys(services).check(source)
+        except RateLimited:
+            refused_keys(services).refused(source, "rate limited")
+            raise
+    except RedisError as exc:
+        raise DependencyUnavailable("redis", type(exc).__name__) from exc
     with translate_errors(), services.pool.connection() as conn:
         principal: Principal | None = None
         if token and oidc.looks_like_jwt(token):
@@ -140,19 +168,11 @@ def authenticate(request: Request, services: ServicesDep) -> Principal:
                     source_ip=_source(request),
                     detail={"method": request.method, "roles": list(extra)},
                 )
-        else:
-            record(
-                conn,
-                principal="anonymous",
-                action="authenticate",
-                resource_type="api",
-                resource_id=request.url.path,
-                outcome="denied",
-                request_id=request.state.request_id,
-                source_ip=_source(request),
-                detail={"reason": reason},
-            )
     if principal is None:
+        try:
+            refused_keys(services).refused(source, reason)
+        except RedisError as exc:
+            raise DependencyUnavailable("redis", type(exc).__name__) from exc
         raise AuthenticationError(
             f"missing or invalid API key or token ({reason}): send 'Authorization: Bearer <key>' "
             "(create one with `medtriage keys create --role ...`)"
@@ -173,6 +193,26 @@ def require(*roles: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
         if not principal.has_any(allowed):
             raise PermissionDenied(
                 f"role {principal.role!r} may not do this; needs one of {sorted(allowed)}"
+            )
+        return principal
+
+    _check.allowed_roles = frozenset(allowed)  # type: ignore[attr-defined]
+    return _check
+
+
+def require_platform(*roles: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
+    """Dependency: a platform key holding ``platform-<role>`` (platform-admin always passes).
+
+    For what every tenant shares: a tenant's keys, admin included, are refused."""
+    allowed = {f"platform-{r}" for r in roles} | {"platform-admin"}
+
+    async def _check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+        if principal.role not in allowed:
+            raise PermissionDenied(
+                f"this changes what every tenant gets (model routes, shadows, thresholds and"
+                f" loaded versions are platform-wide), so it needs a platform key with one of"
+                f" {sorted(allowed)}; role {principal.role!r} acts only within its own tenant"
+                f" (create one with `medtriage keys create --role platform-{roles[0]}`)"
             )
         return principal
 
@@ -218,6 +258,49 @@ def audit(
             source_ip=_source(request),
             detail=detail,
         )
+
+
+def _opaque_ids(request: Request) -> dict[str, str]:
+    """The path's opaque ids (UUIDs: study, case, webhook...); never a DICOM UID or a name."""
+    out = {}
+    for name, value in request.path_params.items():
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            out[name] = str(UUID(str(value)))
+    return out
+
+
+def audit_refused_access(request: Request, exc: MedtriageError) -> None:
+    """A signed-in caller refused (403) or answered 404: one PHI-free row (the route's
+    template, the opaque ids asked for, the caller's role), so probing another tenant's ids
+    or reaching past one's role leaves a trace. Failing to write it never changes the
+    answer."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    services: Services | None = getattr(request.app.state, "services", None)
+    if principal is None or services is None:
+        return
+    template = getattr(request.scope.get("route"), "path", None)
+    try:
+        with services.pool.connection() as conn:
+            record(
+                conn,
+                tenant_id=principal.tenant_id,
+                principal_id=principal.key_id,
+                principal=principal.name,
+                action="access.refused",
+                resource_type="api",
+                resource_id=template,
+                outcome="not_found" if isinstance(exc, NotFound) else "denied",
+                request_id=request.state.request_id,
+                source_ip=_source(request),
+                detail={
+                    "method": request.method,
+                    "status": exc.http_status,
+                    "role": principal.role,
+                    "ids": _opaque_ids(request),
+                },
+            )
+    except Exception as failure:  # noqa: BLE001 - the refusal stands; say the audit failed
+        log.warning("refused access not audited: %s", type(failure).__name__)
 
 
 def audit_upload(

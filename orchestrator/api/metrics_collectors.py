@@ -182,19 +182,11 @@ def render(registry: CollectorRegistry | None) -> bytes:
     return body + generate_latest(registry) if registry is not None else body
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def worker_targets(services: Services) -> list[dict[str, Any]]:
-    """Prometheus HTTP service discovery: the metrics endpoints of workers alive in RQ."""
-    settings = services.settings
+    """Prometheus HTTP service discovery: the worker (and supervisor) metrics endpoints
+    announced lately (metrics.Announcer re-announces them, e.g. after a Redis restart)."""
     try:
-        queue = Queue(settings.queue_name, connection=services.redis)
-        alive = {w.name for w in Worker.all(queue=queue)}
-        raw = services.redis.hgetall(m.endpoints_key(settings.queue_prefix))
+        targets = m.announced_endpoints(services.redis, services.settings.queue_prefix)
     except RedisError:
         return []
-    pairs = {_text(k): _text(v) for k, v in raw.items()}
-    targets = sorted(v for k, v in pairs.items() if k in alive)
     return [{"targets": targets, "labels": {"job": "medtriage-worker"}}] if targets else []

@@ -147,7 +147,7 @@ def _verdict(view: dict[str, Any]) -> str:
         return f"<p>Claimed by {_e(view['claimed_by_name'])} at {_e(view['claimed_at'])}.</p>"
     options = "".join(f'<option value="{_e(lab)}">{_e(lab)}</option>' for lab in view["labels"])
     return (
-        '<form id="verdict-form" onsubmit="return false">'
+        '<form id="verdict-form">'
         '<button type="button" data-action="agree" aria-keyshortcuts="a">'
         "Agree with the model (a)</button>"
         "<fieldset><legend>Override</legend>"
@@ -180,7 +180,7 @@ def case(view: dict[str, Any]) -> str:
     )
 
 
-_STYLE = """
+STYLE = """
 body{font:15px/1.4 system-ui,sans-serif;margin:1rem 2rem;color:#111}
 a:focus,button:focus,select:focus,textarea:focus,input:focus{outline:3px solid #1a5fb4}
 .queue li{margin:.3rem 0}.reason{background:#fde7c8;padding:0 .3rem;border-radius:3px}
@@ -188,11 +188,11 @@ a:focus,button:focus,select:focus,textarea:focus,input:focus{outline:3px solid #
 td,th{border:1px solid #bbb;padding:.2rem .5rem}.arm-shadow{color:#666}
 .instance{display:flex;gap:1rem;align-items:flex-start}.disclaimer{font-weight:bold}
 #status{min-height:1.5rem;color:#1a5fb4}
-.overlay{position:relative;display:inline-block}.overlay svg{position:absolute;inset:0;
+.overlay{position:relative;display:inline-block}svg[hidden]{display:none}.overlay svg{position:absolute;inset:0;
 width:100%;height:100%;pointer-events:none}
 """
 
-_SCRIPT = r"""
+SCRIPT = r"""
 const main = document.getElementById('main'), status = document.getElementById('status');
 const key = () => sessionStorage.getItem('medtriage-key');
 function say(text) { status.textContent = text; }
@@ -269,8 +269,10 @@ document.getElementById('login').addEventListener('submit', async (ev) => {
 main.addEventListener('change', (ev) => {
   if (!ev.target.classList.contains('attention-toggle')) return;
   const svg = ev.target.closest('figure').querySelector('svg.attention');
-  if (svg) svg.hidden = !ev.target.checked;
+  if (svg) svg.toggleAttribute('hidden', !ev.target.checked);
 });
+// The verdict form is driven by its buttons; Enter in the note field must not submit it.
+main.addEventListener('submit', (ev) => ev.preventDefault());
 main.addEventListener('click', (ev) => {
   const b = ev.target.closest('button[data-action]');
   if (b) act(b.dataset.action);
@@ -300,7 +302,7 @@ def page() -> str:
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         "<title>medtriage review</title>"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<style>{_STYLE}</style></head><body>"
+        '<link rel="stylesheet" href="/review/app.css"></head><body>'
         "<header><h1>medtriage review</h1></header>"
         '<form id="login"><label for="key">Reviewer API key</label> '
         '<input id="key" type="password" autocomplete="off" required autofocus> '
@@ -310,5 +312,5 @@ def page() -> str:
         '<main id="main" tabindex="-1"></main></div>'
         '<p id="status" role="status" aria-live="polite"></p>'
         f"<footer><p>{DISCLAIMER}</p></footer>"
-        f"<script>{_SCRIPT}</script></body></html>"
+        '<script src="/review/app.js"></script></body></html>'
     )

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import time
+
+from pydantic import ValidationError
 
 from orchestrator.privacy import logfilter
 from orchestrator.settings import ApiSettings, CliSettings, WorkerSettings
+
+# The application role's database password, when set by `medtriage db app-login`.
+APP_PASSWORD_MIN_CHARS = 16
 
 
 def _cmd_db_upgrade(args: argparse.Namespace, settings: CliSettings) -> int:
@@ -18,12 +25,42 @@ def _cmd_db_upgrade(args: argparse.Namespace, settings: CliSettings) -> int:
     return 0
 
 
+def _cmd_db_app_login(args: argparse.Namespace, settings: CliSettings) -> int:
+    """Let ``medtriage_app`` (made NOLOGIN by migration 0006) log in with the password in
+    $MEDTRIAGE_APP_DB_PASSWORD; run as the owner, after `db upgrade`."""
+    import os
+
+    import psycopg
+    from psycopg import sql
+
+    password = os.environ.get("MEDTRIAGE_APP_DB_PASSWORD", "")
+    if len(password) < APP_PASSWORD_MIN_CHARS:
+        print(
+            f"set MEDTRIAGE_APP_DB_PASSWORD (at least {APP_PASSWORD_MIN_CHARS} characters)",
+            file=sys.stderr,
+        )
+        return 1
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER ROLE medtriage_app LOGIN PASSWORD {}").format(sql.Literal(password))
+        )
+    print("medtriage_app may log in; point the API and workers at it")
+    return 0
+
+
 def _cmd_keys_create(args: argparse.Namespace, settings: CliSettings) -> int:
     import psycopg
 
     from orchestrator.store.db import upgrade
-    from orchestrator.store.db.keys import create_key, parse_duration
+    from orchestrator.store.db.keys import (
+        PLATFORM_ROLES,
+        PLATFORM_TENANT,
+        create_key,
+        parse_duration,
+    )
 
+    if args.tenant is None:
+        args.tenant = PLATFORM_TENANT if args.role in PLATFORM_ROLES else "default"
     upgrade(settings.database_url)
     with psycopg.connect(settings.database_url) as conn:
         key_id, key = create_key(
@@ -90,16 +127,35 @@ def _cmd_triton(args: argparse.Namespace, settings: CliSettings) -> int:
         model_control="explicit",
         load_models=sorted(load_repository(settings.model_repository)),
     )
-    with proc:
-        print(f"Triton ready: grpc {proc.grpc_url}, http {proc.http_url}; Ctrl-C to stop")
-        try:
+    # SIGTERM would end this process without stopping the server (its own session), and a
+    # shell starts a background job with SIGINT ignored: both now stop and wait for it.
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with proc:
+            print(f"Triton ready: grpc {proc.grpc_url}, http {proc.http_url}; Ctrl-C to stop")
             while proc.is_running:
-                import time
-
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+                time.sleep(TRITON_POLL_S)
+    except _Stop:
+        pass  # ``with proc`` stopped the server (SIGTERM, then the group killed) and waited
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
+
+
+# How often `medtriage triton serve` checks that its server still runs.
+TRITON_POLL_S = 1.0
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT reached `medtriage triton serve`."""
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    # One stop is enough: a second signal must not interrupt the server's shutdown.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Stop(signal.Signals(signum).name)
 
 
 def _cmd_demo(args: argparse.Namespace, settings: CliSettings) -> int:
@@ -132,13 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="apply pending migrations").set_defaults(func=_cmd_db_upgrade)
+    db.add_parser(
+        "app-login", help="let medtriage_app log in ($MEDTRIAGE_APP_DB_PASSWORD); as the owner"
+    ).set_defaults(func=_cmd_db_app_login)
+
+    from orchestrator.store.db.keys import PLATFORM_TENANT, ROLES
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create", help="create an API key (printed once)")
+    create.add_argument("--role", required=True, choices=list(ROLES))
     create.add_argument(
-        "--role", required=True, choices=["uploader", "reviewer", "ml-engineer", "sre", "admin"]
+        "--tenant",
+        default=None,
+        help=f"default: 'default', or '{PLATFORM_TENANT}' for the platform-* roles",
     )
-    create.add_argument("--tenant", default="default")
     create.add_argument("--name", default=None)
     create.add_argument("--quiet", action="store_true", help="print only the key")
     create.add_argument("--expires-in", default=None, help="e.g. 90d, 12h (default: never)")
@@ -186,7 +249,18 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logfilter.install()  # pydicom's warnings quote tag values: never into our logs
-    return int(args.func(args, CliSettings()))
+    try:
+        settings = CliSettings()
+    except ValidationError as exc:
+        # A refused configuration (e.g. storage keys kept with the data): say what, no traceback.
+        for error in exc.errors():
+            print(f"medtriage: settings refused: {error['msg']}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    return int(args.func(args, settings))
+
+
+# Exit status when the settings are refused at start.
+EXIT_BAD_SETTINGS = 2
 
 
 if __name__ == "__main__":

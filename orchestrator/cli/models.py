@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -86,9 +87,14 @@ def _dispatch(
         print(f"{args.model}: loaded {sorted(control.load(args.model, args.version))}")
         rollout._event(conn, args.model, "load", _actor(), [], [], {"version": args.version})
     elif action == "unload":
-        routes = routing.load_routes(conn, args.model)
-        if any(r.version == args.version and not r.shadow for r in routes):
-            rollout.failover(conn, args.model, args.version, actor=_actor(), reason="unload")
+        routed = rollout.routed_to(args.model, args.version, routing.load_routes(conn, args.model))
+        if routed:
+            print(
+                f"{args.model} v{args.version} is still routed ({'; '.join(routed)}): move the"
+                " routes away first (`medtriage models route`, `medtriage models shadow remove`)",
+                file=sys.stderr,
+            )
+            return 2
         loaded = control.unload(args.model, args.version)
         rollout._event(conn, args.model, "unload", _actor(), [], [], {"version": args.version})
         print(f"{args.model}: loaded {sorted(loaded)}")

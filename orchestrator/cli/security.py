@@ -59,19 +59,55 @@ def _cmd_keys_revoke(args: argparse.Namespace, settings: CliSettings) -> int:
     return 0 if done else 1
 
 
+def _store(settings: CliSettings) -> Any:
+    from orchestrator.store.objects import open_store
+
+    return open_store(
+        settings.storage_url,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        encryption_keys=settings.storage_encryption_keys,
+        s3_sse=settings.s3_sse,
+        s3_kms_key_id=settings.s3_kms_key_id,
+    )
+
+
 def _cmd_audit_verify(args: argparse.Namespace, settings: CliSettings) -> int:
+    from orchestrator.security import anchors
     from orchestrator.store.db.audit import verify
 
     with _connect(settings) as conn:
         result = verify(conn)
-    if result.ok:
-        print(f"audit chain intact: {result.rows} rows")
-        return 0
-    print(
-        f"AUDIT CHAIN BROKEN at seq {result.seq} (row id {result.row_id}): {result.problem};"
-        f" {result.rows} rows verified before it"
-    )
-    return 2
+        if not result.ok:
+            print(
+                f"AUDIT CHAIN BROKEN at seq {result.seq} (row id {result.row_id}):"
+                f" {result.problem}; {result.rows} rows verified before it"
+            )
+            return 2
+        if not settings.audit_anchor_key:
+            print(
+                f"audit chain intact: {result.rows} rows (anchors not checked:"
+                f" {anchors.KEY_SETTING} is not set)"
+            )
+            return 0
+        check = anchors.verify(conn, _store(settings), settings.audit_anchor_key)
+    if not check.ok:
+        print(f"AUDIT CHAIN BROKEN: {check.problem}; {check.anchors} anchors agreed before it")
+        return 2
+    print(f"audit chain intact: {result.rows} rows, {check.anchors} anchors agree")
+    return 0
+
+
+def _cmd_audit_anchor(args: argparse.Namespace, settings: CliSettings) -> int:
+    from orchestrator.security import anchors
+
+    if not settings.audit_anchor_key:
+        print(f"set {anchors.KEY_SETTING} (kept outside the database)", file=sys.stderr)
+        return 1
+    with _connect(settings) as conn:
+        anchor = anchors.write(conn, _store(settings), settings.audit_anchor_key)
+    print(f"anchor {anchor.n}: seq {anchor.seq}" if anchor else "nothing new to anchor")
+    return 0
 
 
 def _cmd_audit_query(args: argparse.Namespace, settings: CliSettings) -> int:
@@ -182,9 +218,12 @@ def add_parser(sub: Any) -> None:
     audit = sub.add_parser("audit", help="the audit trail").add_subparsers(
         dest="action", required=True
     )
-    audit.add_parser("verify", help="check the hash chain; exit 2 naming the bad row").set_defaults(
-        func=_cmd_audit_verify
-    )
+    audit.add_parser(
+        "verify", help="check the hash chain and its anchors; exit 2 naming the bad row"
+    ).set_defaults(func=_cmd_audit_verify)
+    audit.add_parser(
+        "anchor", help="anchor the chain's head in the object store (HMAC-keyed) now"
+    ).set_defaults(func=_cmd_audit_anchor)
     q = audit.add_parser("query", help="print audit rows as JSON lines, newest first")
     q.add_argument("--tenant", default=None)
     q.add_argument("--principal", default=None)

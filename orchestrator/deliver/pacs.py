@@ -19,6 +19,7 @@ from uuid import UUID
 import httpx
 import pydicom
 from psycopg import Connection
+from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from orchestrator.errors import BadRequest, MedtriageError, NotFound
@@ -49,15 +50,31 @@ class Export:
     detail: str | None
 
 
-def add_target(conn: Connection, tenant_id: UUID, name: str, stow_url: str) -> dict[str, Any]:
+def add_target(
+    conn: Connection, tenant_id: UUID, name: str, stow_url: str, *, allow_http: bool = False
+) -> dict[str, Any]:
     parts = urlsplit(stow_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadRequest(f"stow_url must be an absolute http(s) DICOMweb base URL: {stow_url!r}")
-    return db.upsert_target(conn, tenant_id, name, stow_url.rstrip("/"))
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            "INSERT INTO pacs_targets (tenant_id, name, stow_url, allow_http)"
+            " VALUES (%s, %s, %s, %s) ON CONFLICT (tenant_id, name) DO UPDATE SET"
+            " stow_url = EXCLUDED.stow_url, allow_http = EXCLUDED.allow_http, active = true"
+            " RETURNING id, name, stow_url, allow_http, active, created_at",
+            (tenant_id, name, stow_url.rstrip("/"), allow_http),
+        ).fetchone()
+    assert row is not None
+    return row
 
 
 def targets(conn: Connection, tenant_id: UUID, name: str | None = None) -> list[dict[str, Any]]:
-    rows = db.active_targets(conn, tenant_id, name)
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            "SELECT id, name, stow_url, allow_http, active, created_at FROM pacs_targets"
+            " WHERE tenant_id = %s AND active AND (%s::text IS NULL OR name = %s) ORDER BY name",
+            (tenant_id, name, name),
+        ).fetchall()
     if name is not None and not rows:
         raise NotFound(f"no PACS target {name!r}; an admin adds one with POST /v1/pacs-targets")
     return rows
@@ -69,11 +86,14 @@ def stow(
     *,
     timeout_s: float = STOW_TIMEOUT_S,
     outbound: OutboundPolicy | None = None,
+    allow_http: bool = False,
 ) -> list[str]:
     """Store ``objects`` (Part 10 files) with STOW-RS; returns the stored SOP Instance UIDs.
     The target is checked against ``outbound`` (default: public addresses only) first."""
     try:
-        dest = (outbound or OutboundPolicy()).check(base_url, what="PACS target")
+        dest = (outbound or OutboundPolicy()).check(
+            base_url, what="PACS target", allow_http=allow_http
+        )
     except DestinationRefused as exc:
         raise ExportFailed(f"STOW-RS to {base_url} refused: {exc.message}") from exc
     boundary = f"medtriage-{secrets.token_hex(12)}"
@@ -132,7 +152,7 @@ def export_report(
     out = []
     for t in chosen:
         try:
-            stored = stow(t["stow_url"], [sr], outbound=outbound)
+            stored = stow(t["stow_url"], [sr], outbound=outbound, allow_http=t["allow_http"])
             ok = sop_uid in stored
             detail = None if ok else f"the PACS did not list {sop_uid} as stored"
         except ExportFailed as exc:

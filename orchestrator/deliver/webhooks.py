@@ -33,6 +33,7 @@ from uuid import UUID
 
 import httpx
 from psycopg import Connection
+from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from orchestrator import metrics
@@ -111,6 +112,9 @@ class Policy:
     timeout_s: float = 5.0
 
 
+_PUBLIC = "id, url, events, active, max_attempts, backoff_s, timeout_s, allow_http, created_at"
+
+
 def create(
     conn: Connection,
     tenant_id: UUID,
@@ -119,6 +123,7 @@ def create(
     policy: Policy,
     *,
     ring: KeyRing | None = None,
+    allow_http: bool = False,
 ) -> tuple[dict[str, Any], str]:
     """Register an endpoint; returns its row and the signing secret (shown only now). With
     ``ring`` (the deployment's encryption keys) the secret is stored sealed, bound to the
@@ -132,17 +137,24 @@ def create(
     secret = secrets.token_urlsafe(32)
     webhook_id = uuid.uuid4()
     stored = seal_text(ring, secret_context(webhook_id), secret) if ring is not None else secret
-    row = db.insert_endpoint(
-        conn,
-        webhook_id=webhook_id,
-        tenant_id=tenant_id,
-        url=url,
-        secret=stored,
-        events=sorted(set(events)),
-        max_attempts=policy.max_attempts,
-        backoff_s=policy.backoff_s,
-        timeout_s=policy.timeout_s,
-    )
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            "INSERT INTO webhooks (id, tenant_id, url, secret, events, max_attempts, backoff_s,"
+            f" timeout_s, allow_http) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            f" RETURNING {_PUBLIC}",
+            (
+                webhook_id,
+                tenant_id,
+                url,
+                stored,
+                sorted(set(events)),
+                policy.max_attempts,
+                policy.backoff_s,
+                policy.timeout_s,
+                allow_http,
+            ),
+        ).fetchone()
+    assert row is not None
     return row, secret
 
 
@@ -204,7 +216,20 @@ def redeliver(
 
 def claim_due(conn: Connection, limit: int) -> list[dict[str, Any]]:
     """Lease up to ``limit`` due deliveries (with their endpoint's url, secret and policy)."""
-    return db.lease_due(conn, limit, margin_s=LEASE_MARGIN_S)
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "UPDATE webhook_deliveries d"
+            " SET next_attempt_at = now() + make_interval(secs => w.timeout_s + %s),"
+            " updated_at = now()"
+            " FROM webhooks w WHERE w.id = d.webhook_id AND d.id IN ("
+            "  SELECT id FROM webhook_deliveries WHERE status = 'pending'"
+            "  AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT %s"
+            "  FOR UPDATE SKIP LOCKED)"
+            " RETURNING d.id, d.event, d.payload, d.attempts, w.id AS webhook_id, w.url,"
+            " w.secret, w.active,"
+            " w.max_attempts, w.backoff_s, w.timeout_s, w.allow_http",
+            (LEASE_MARGIN_S, limit),
+        ).fetchall()
 
 
 def attempt(
@@ -214,7 +239,9 @@ def attempt(
     checked again first (its name may resolve elsewhere since it was registered), and the
     request goes to the address that was checked."""
     try:
-        dest = (outbound or OutboundPolicy()).check(delivery["url"], what="webhook url")
+        dest = (outbound or OutboundPolicy()).check(
+            delivery["url"], what="webhook url", allow_http=bool(delivery.get("allow_http"))
+        )
     except DestinationRefused as exc:
         return False, None, f"refused: {exc.message}"[:ERROR_SNIPPET_CHARS]
     body = body_of(delivery["id"], delivery["event"], delivery["payload"])

@@ -140,6 +140,18 @@ def remove_shadow(conn: Connection, model: str, version: int, *, actor: str) -> 
     return after
 
 
+def routed_to(model: str, version: int, routes: list[Route]) -> list[str]:
+    """The routes that send studies to ``version`` (a live arm with weight, or a shadow),
+    named for an operator; unloading such a version is refused."""
+    return [
+        f"shadow route {model} v{r.version}"
+        if r.shadow
+        else f"live route {model} v{r.version} ({r.weight} %)"
+        for r in routes
+        if r.version == version and (r.shadow or r.weight > 0)
+    ]
+
+
 def failover(conn: Connection, model: str, lost: int, *, actor: str, reason: str) -> list[Route]:
     """A live version disappeared: give its share to the remaining live arms, record it."""
     before = load_routes(conn, model)

@@ -3,7 +3,8 @@
 Redis is only the transport (ours keeps nothing on disk). A study whose state is received,
 queued or processing, untouched for ``reconcile_stale_after_s``, is checked against RQ:
 
-- job queued (and really in the queue list), scheduled or deferred → fine;
+- job queued (and really in the queue list), deferred, or scheduled (in the scheduled
+  registry, its time not long past) → fine;
 - job started by a worker whose liveness key is still fresh → fine;
 - otherwise (no job: Redis restarted; started by a dead worker: SIGKILL; failed after RQ's
   retries; finished without the study finishing) → requeued, or dead-lettered once the job
@@ -13,7 +14,11 @@ A study still gathering instances (``received`` with a ``study_arrivals`` row yo
 ``ingest_stable_age_s`` + the stale time) waits for the arrivals sweeper and is not stale.
 
 RQ alone is not enough: a SIGKILLed SimpleWorker's job stays 'started' until its registry
-entry expires (job timeout + a minute), and a lost Redis loses every job.
+entry expires (job timeout + a minute), and a lost Redis loses every job. RQ's scheduler (a
+process forked by one worker, which moves a retry from ``rq:scheduled:<queue>`` to the queue
+when its time comes) dies with a Redis restart and comes back only at the worker's next
+maintenance: each pass first queues every scheduled job more than ``SCHEDULED_OVERDUE_S``
+past its time (``enqueue_overdue``), whatever became of the scheduler.
 
 Each worker process runs ``Background``: it refreshes the worker's liveness key every few
 seconds (a thread, so it beats during a long job too) and, at most once per interval across
@@ -25,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -35,6 +41,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.registry import ScheduledJobRegistry
 
 from orchestrator import lifecycle
 from orchestrator.errors import MedtriageError
@@ -51,6 +58,10 @@ ALIVE_TTL_S = 10
 HEARTBEAT_INTERVAL_S = 2.0
 # Studies looked at per pass (oldest first); the next pass takes the rest.
 BATCH_SIZE = 500
+# RQ's scheduler moves a due job within a second (its interval); a job this far past its time
+# has no live scheduler, and the reconciler queues it itself. Long enough that the two never
+# race for a job a live scheduler is about to move.
+SCHEDULED_OVERDUE_S = 15.0
 
 ACTIVE, LOST, ABANDONED, FAILED, FINISHED = "active", "lost", "abandoned", "failed", "finished"
 
@@ -75,8 +86,12 @@ def job_state(redis: Redis, prefix: str, queue_name: str, study_id: UUID) -> str
     except NoSuchJobError:
         return LOST
     status = job.get_status(refresh=False)
-    if status in (JobStatus.SCHEDULED, JobStatus.DEFERRED):
+    if status == JobStatus.DEFERRED:
         return ACTIVE
+    if status == JobStatus.SCHEDULED:
+        # Overdue ones were queued by enqueue_overdue before this; in no registry is lost.
+        registry = ScheduledJobRegistry(queue_name, connection=redis)  # type: ignore[no-untyped-call]
+        return ACTIVE if redis.zscore(registry.key, jid) is not None else LOST
     if status == JobStatus.QUEUED:
         # 'queued' but in no list (a worker died between taking it and starting it) is lost.
         in_queue = redis.lpos(Queue(queue_name, connection=redis).key, jid) is not None
@@ -89,15 +104,38 @@ def job_state(redis: Redis, prefix: str, queue_name: str, study_id: UUID) -> str
     return FINISHED
 
 
+def enqueue_overdue(
+    redis: Redis, queue_name: str, overdue_s: float = SCHEDULED_OVERDUE_S
+) -> list[str]:
+    """Queue every job of ``queue_name`` waiting in RQ's scheduled registry (a retry's wait)
+    more than ``overdue_s`` past its time; returns their ids. The ZREM claims a job, so a
+    scheduler that comes back meanwhile cannot queue it a second time."""
+    queue = Queue(queue_name, connection=redis)
+    registry = ScheduledJobRegistry(queue=queue)  # type: ignore[no-untyped-call]
+    moved: list[str] = []
+    for jid in registry.get_jobs_to_schedule(int(time.time() - overdue_s), chunk_size=BATCH_SIZE):
+        if not redis.zrem(registry.key, jid):
+            continue
+        try:
+            job = Job.fetch(jid, connection=redis)
+        except NoSuchJobError:
+            continue
+        queue.enqueue_job(job, at_front=job.should_enqueue_at_front())
+        moved.append(jid)
+    return moved
+
+
 @dataclass
 class Pass:
     checked: int = 0
     requeued: list[UUID] = field(default_factory=list)
     dead_lettered: list[UUID] = field(default_factory=list)
+    overdue: list[str] = field(default_factory=list)
 
     def public(self) -> dict[str, Any]:
         return {
             "checked": self.checked,
+            "overdue_scheduled_queued": self.overdue,
             "requeued": [str(s) for s in self.requeued],
             "dead_lettered": [str(s) for s in self.dead_lettered],
         }
@@ -105,7 +143,9 @@ class Pass:
 
 def reconcile_once(pool: ConnectionPool, redis: Redis, settings: CommonSettings) -> Pass:
     """One pass over the open studies; requeue or dead-letter those nobody will run."""
-    result = Pass()
+    result = Pass(overdue=enqueue_overdue(redis, settings.queue_name))
+    for jid in result.overdue:
+        log.warning("job %s was scheduled long ago and never queued; queued now", jid)
     with translate_errors(), pool.connection() as conn:
         rows = db.stale_open(
             conn,
@@ -186,7 +226,7 @@ class Background(threading.Thread):
                 since_pass = 0.0
                 try:
                     done = try_reconcile(self.pool, self.redis, self.settings, self.worker_name)
-                    if done and (done.requeued or done.dead_lettered):
+                    if done and (done.requeued or done.dead_lettered or done.overdue):
                         log.warning("reconcile: %s", done.public())
                 except (MedtriageError, RedisError, OSError) as exc:
                     log.warning("reconcile pass failed: %s", type(exc).__name__)

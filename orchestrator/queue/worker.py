@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from uuid import UUID
 
+from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 from rq.job import Job
@@ -31,7 +32,7 @@ from orchestrator.inference.specs import load_repository
 from orchestrator.pipeline.context import WorkerContext
 from orchestrator.pipeline.study import process_study
 from orchestrator.queue import jobs as jobqueue
-from orchestrator.queue import reconcile
+from orchestrator.queue import reconcile, supervisor
 from orchestrator.security.outbound import OutboundPolicy
 from orchestrator.security.tls import GrpcTls
 from orchestrator.settings import WorkerSettings
@@ -50,6 +51,10 @@ EXIT_GRACE_EXPIRED = 3
 # RQ ends its loop (instead of retrying) when its own bookkeeping around a job meets a Redis
 # error, e.g. a Redis restart mid-job; the process starts a fresh loop after this long.
 RESTART_DELAY_S = 2.0
+# RQ's maintenance (cleaning its registries; starting its scheduler process again if it died,
+# e.g. with a Redis restart) runs every 10 minutes by default; a retry waiting on a dead
+# scheduler would wait as long. The reconciler queues overdue retries too (reconcile.py).
+MAINTENANCE_INTERVAL_S = 30
 # Set once a stop is asked (SIGTERM/SIGINT through RQ's handlers): no fresh loop after that.
 _STOP = threading.Event()
 
@@ -149,19 +154,12 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
     name = f"{socket.gethostname()}-{os.getpid()}"
     _CONTEXT = build_context(settings, name)
     redis = jobqueue.connect(settings.redis_url)
-    port = metrics.serve_worker_metrics(
-        settings.worker_metrics_port,
-        settings.worker_metrics_port_span,
-        settings.worker_metrics_address,
-    )
-    if port is not None:
-        host = metrics.advertised_host(settings.worker_metrics_address)
-        metrics.register_endpoint(redis, settings.queue_prefix, name, host, port)
+    announcer = _announce_metrics(settings, redis, name)
     background = reconcile.Background(_CONTEXT.pool, settings, name)
     background.start()
     dispatcher = webhooks.Dispatcher(
         settings.database_url,
-        outbound=OutboundPolicy.from_setting(settings.outbound_allow_networks),
+        outbound=OutboundPolicy.from_settings(settings),
         ring=getattr(_CONTEXT.store, "ring", None),
     )
     dispatcher.start()
@@ -169,7 +167,10 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
 
     def make_worker() -> _Worker:
         worker = _Worker(
-            [Queue(settings.queue_name, connection=rq_redis)], connection=rq_redis, name=name
+            [Queue(settings.queue_name, connection=rq_redis)],
+            connection=rq_redis,
+            name=name,
+            maintenance_interval=MAINTENANCE_INTERVAL_S,
         )
         worker.grace_s = settings.shutdown_grace_s
         return worker
@@ -180,7 +181,8 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> None:
     finally:
         dispatcher.stop()
         background.stop()
-        metrics.unregister_endpoint(redis, settings.queue_prefix, name)
+        if announcer is not None:
+            announcer.stop()
         if _CONTEXT.sandbox is not None:
             _CONTEXT.sandbox.close()
         _CONTEXT.pool.close()
@@ -209,22 +211,53 @@ def work_until_stopped(make_worker: Callable[[], _Worker], *, burst: bool = Fals
             return
 
 
+def _announce_metrics(
+    settings: WorkerSettings, redis: Redis, name: str
+) -> metrics.Announcer | None:
+    """Serve this process's metrics and keep the endpoint announced (None when off)."""
+    port = metrics.serve_worker_metrics(
+        settings.worker_metrics_port,
+        settings.worker_metrics_port_span,
+        settings.worker_metrics_address,
+    )
+    if port is None:
+        return None
+    host = metrics.advertised_host(settings.worker_metrics_address)
+    announcer = metrics.Announcer(redis, settings.queue_prefix, name, host, port)
+    announcer.start()
+    return announcer
+
+
 def run(settings: WorkerSettings) -> int:
-    """Start ``settings.concurrency`` worker processes and wait; SIGTERM is passed on."""
+    """Start ``settings.concurrency`` worker processes, start again any that dies
+    (supervisor.py), and wait; SIGTERM/SIGINT are passed on."""
     if settings.concurrency <= 1:
         run_one(settings)
         return 0
     env = {**os.environ, "MEDTRIAGE_CONCURRENCY": "1"}
-    children = [
-        subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker"], env=env)
-        for _ in range(settings.concurrency)
-    ]
+    host = socket.gethostname()
+    redis = jobqueue.connect(settings.redis_url)
 
-    def _forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker"], env=env)
 
-    signal.signal(signal.SIGTERM, _forward)
-    signal.signal(signal.SIGINT, _forward)
-    return max(child.wait() for child in children)
+    def forget(child: subprocess.Popen[bytes]) -> None:
+        # A killed child could not withdraw its metrics endpoint (named like the worker).
+        with contextlib.suppress(RedisError):
+            metrics.unregister_endpoint(redis, settings.queue_prefix, f"{host}-{child.pid}")
+
+    boss = supervisor.Supervisor(start, settings.concurrency, on_exit=forget)
+    signal.signal(signal.SIGTERM, boss.stop)
+    signal.signal(signal.SIGINT, boss.stop)
+    # The supervisor takes the range's first free port; only when the range leaves one for
+    # every child too (a range sized for the children alone stays theirs).
+    announcer = (
+        _announce_metrics(settings, redis, f"{host}-{os.getpid()}-supervisor")
+        if settings.worker_metrics_port_span > settings.concurrency
+        else None
+    )
+    try:
+        return boss.run()
+    finally:
+        if announcer is not None:
+            announcer.stop()

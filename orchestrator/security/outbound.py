@@ -7,6 +7,16 @@ subnet): loopback, link-local (cloud metadata at 169.254.169.254 / fd00:ec2::254
 IPv4-mapped IPv6 forms of any of them included. The metadata addresses stay refused even
 under a broad allowance (0.0.0.0/0); only an entry for exactly that address opens them.
 
+IPv6 forms that carry an IPv4 address are decoded and the embedded address checked too:
+IPv4-mapped (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d), 6to4 (2002::/16), NAT64
+(64:ff9b::/96; the local-use 64:ff9b:1::/48 is refused whole) and Teredo (2001::/32, server
+and client). ``http://[2002:7f00:1::1]/`` is loopback, not a public 6to4 address.
+
+Public destinations are called only on the allowed ports (``MEDTRIAGE_OUTBOUND_ALLOW_PORTS``,
+443 by default); a network listed in ``MEDTRIAGE_OUTBOUND_ALLOW_NETWORKS`` was opened whole by
+the operator, on every port. The scheme is https unless the target was registered by an admin
+with ``allow_http`` (``check(..., allow_http=True)``).
+
 A host name is resolved and every address it resolves to is checked, when the URL is
 registered and again before each request (a name can be re-pointed after registration).
 The request then goes to the address that was checked (``Destination``: the URL with that
@@ -22,6 +32,7 @@ import ipaddress
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from orchestrator.errors import BadRequest
@@ -31,10 +42,17 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], list[str]]
 
 ALLOW_SETTING = "MEDTRIAGE_OUTBOUND_ALLOW_NETWORKS"
+PORTS_SETTING = "MEDTRIAGE_OUTBOUND_ALLOW_PORTS"
+# Ports public destinations may be called on unless the deployment says otherwise.
+DEFAULT_ALLOWED_PORTS = frozenset({443})
 # Instance metadata services (AWS/GCP/Azure/OpenStack on IPv4; AWS on IPv6).
 METADATA = frozenset(
     {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 )
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215 local-use
+_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated IPv4-compatible (not :: or ::1)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -80,8 +98,24 @@ def _address(text: str) -> IPAddress:
     return ip
 
 
-def forbidden(ip: IPAddress) -> str | None:
-    """Why ``ip`` is not a public destination, or None when it is."""
+def _embedded(ip: IPAddress) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """The IPv4 addresses an IPv6 address carries, named by the form that carries them."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour is not None:
+        return [("6to4", ip.sixtofour)]
+    if ip.teredo is not None:
+        server, client = ip.teredo
+        return [("Teredo", client), ("Teredo", server)]
+    if ip in _NAT64:
+        return [("NAT64", low32)]
+    if ip in _COMPATIBLE and int(ip) > 1:
+        return [("IPv4-compatible", low32)]
+    return []
+
+
+def _plain(ip: IPAddress) -> str | None:
     if ip in METADATA:
         return "cloud metadata"
     for reason, flag in (
@@ -97,15 +131,44 @@ def forbidden(ip: IPAddress) -> str | None:
     return None if ip.is_global else "non-public"
 
 
+def forbidden(ip: IPAddress) -> str | None:
+    """Why ``ip`` is not a public destination, or None when it is."""
+    if ip in _NAT64_LOCAL:
+        return "NAT64 local-use (64:ff9b:1::/48), non-public"
+    for form, inner in _embedded(ip):
+        reason = _plain(inner)
+        if reason is not None:
+            return f"{form} address embedding {inner}, {reason}"
+    return _plain(ip)
+
+
 @dataclass(frozen=True)
 class OutboundPolicy:
     """Public addresses only, plus the networks a deployment allows."""
 
     allow: tuple[Network, ...] = ()
     resolver: Resolver = field(default=_getaddrinfo, compare=False, repr=False)
+    # Ports public destinations may be called on (networks in ``allow``: every port).
+    ports: frozenset[int] = DEFAULT_ALLOWED_PORTS
 
     @classmethod
-    def from_setting(cls, text: str) -> OutboundPolicy:
+    def from_settings(cls, settings: Any) -> OutboundPolicy:
+        """From ``outbound_allow_networks`` and ``outbound_allow_ports`` of a Settings."""
+        return cls.from_setting(
+            settings.outbound_allow_networks, ports=settings.outbound_allow_ports
+        )
+
+    @classmethod
+    def from_setting(
+        cls, text: str, *, ports: str = "", resolver: Resolver | None = None
+    ) -> OutboundPolicy:
+        allowed_ports = set()
+        for entry in (e.strip() for e in ports.split(",")):
+            if not entry:
+                continue
+            if not entry.isdigit() or not 0 < int(entry) < 65536:
+                raise ValueError(f"{PORTS_SETTING}: {entry!r} is not a port (1-65535)")
+            allowed_ports.add(int(entry))
         networks = []
         for entry in (e.strip() for e in text.split(",")):
             if not entry:
@@ -114,17 +177,22 @@ class OutboundPolicy:
                 networks.append(ipaddress.ip_network(entry, strict=False))
             except ValueError as exc:
                 raise ValueError(f"{ALLOW_SETTING}: {entry!r} is not a CIDR network") from exc
-        return cls(tuple(networks))
+        return cls(
+            tuple(networks),
+            resolver=resolver or _getaddrinfo,
+            ports=frozenset(allowed_ports) or DEFAULT_ALLOWED_PORTS,
+        )
 
     def _allowed(self, ip: IPAddress) -> bool:
         if ip in METADATA:
             return any(net.num_addresses == 1 and ip in net for net in self.allow)
         return any(ip in net for net in self.allow)
 
-    def check(self, url: str, *, what: str = "url") -> Destination:
+    def check(self, url: str, *, what: str = "url", allow_http: bool = False) -> Destination:
         """Raise DestinationRefused unless every address ``url``'s host resolves to may be
-        called; else the URL pinned to the first of them. Resolution is blocking (it is meant
-        for registration and for the senders' own threads)."""
+        called on its port; else the URL pinned to the first of them. ``allow_http``: an
+        admin allowed this target plain http. Resolution is blocking (it is meant for
+        registration and for the senders' own threads)."""
         parts = urlsplit(url)
         host = parts.hostname
         if parts.scheme not in _DEFAULT_PORTS or not host:
@@ -140,7 +208,18 @@ class OutboundPolicy:
             reason = forbidden(ip)
             if reason is not None and not self._allowed(ip):
                 raise DestinationRefused(
-                    f"{what} host {host!r} is {ip}, a {reason} address; only public addresses"
+                    f"{what} host {host!r} is {ip}: {reason}; only public addresses"
                     f" are called unless {ALLOW_SETTING} lists the network"
                 )
+            if port not in self.ports and not self._allowed(ip):
+                raise DestinationRefused(
+                    f"{what} port {port} is not allowed for {ip}; public destinations are"
+                    f" called on port(s) {', '.join(map(str, sorted(self.ports)))}"
+                    f" ({PORTS_SETTING})"
+                )
+        if parts.scheme != "https" and not allow_http:
+            raise DestinationRefused(
+                f"{what} must be https; plain http only for a target an admin registered"
+                " with allow_http"
+            )
         return _pinned(url, addresses[0])

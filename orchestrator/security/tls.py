@@ -31,6 +31,9 @@ def serve(app: Any, *, host: str, port: int, certfile: str = "", keyfile: str = 
         log_level="warning",
         # The access log prints full URLs; ours carry only opaque ids, but keep it quiet.
         access_log=False,
+        # X-Forwarded-For is believed only from MEDTRIAGE_TRUSTED_PROXIES (api/origin.py),
+        # not from whoever connects over loopback (uvicorn's default).
+        proxy_headers=False,
         ssl_certfile=certfile or None,
         ssl_keyfile=keyfile or None,
     )

@@ -194,10 +194,11 @@ def evaluate(sets: Iterable[ModelSet], ds: Dataset) -> list[Verdict]:
 
 
 def not_applicable_reason(verdicts: list[Verdict]) -> str:
-    """Why no set takes an image, in words: each set and its first failed rule(s)."""
+    """Why no set takes an image, in words: each set and its most telling failed rule (the
+    rules are checked Modality first), e.g. "chest_xr: Modality CT is not one of CR, DX"."""
     if not verdicts:
         return "no model set is configured"
-    return "; ".join(f"{v.set}: {', '.join(v.reasons)}" for v in verdicts)
+    return "; ".join(f"{v.set}: {v.reasons[0]}" for v in verdicts if v.reasons)
 
 
 # --- loading -------------------------------------------------------------------------------

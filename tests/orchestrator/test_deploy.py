@@ -189,6 +189,7 @@ def compose() -> dict[str, Any]:
 def test_compose_has_every_service(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == {
         "triton",
+        "migrate",
         "api",
         "worker",
         "postgres",
@@ -212,16 +213,40 @@ def test_compose_triton_uses_the_gpu_and_the_repository(compose: dict[str, Any])
 
 def test_compose_health_checks_and_ordering(compose: dict[str, Any]) -> None:
     services = compose["services"]
+    one_shot = {"migrate"}
     for name, service in services.items():
-        assert "healthcheck" in service, name
+        assert "healthcheck" in service or name in one_shot, name
         for dep, cond in service.get("depends_on", {}).items():
-            assert cond == {"condition": "service_healthy"}, (name, dep)
+            wanted = "service_completed_successfully" if dep in one_shot else "service_healthy"
+            assert cond == {"condition": wanted}, (name, dep)
             assert dep in services
     for name in ("api", "worker"):
-        assert set(services[name]["depends_on"]) >= {"postgres", "redis", "minio", "triton"}
+        assert set(services[name]["depends_on"]) >= {
+            "postgres",
+            "redis",
+            "minio",
+            "triton",
+            "migrate",
+        }
     assert services["worker"]["deploy"]["replicas"] >= 2
     assert "ports" not in services["worker"]
     assert services["grafana"]["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
+
+
+def test_compose_runs_the_app_as_the_least_privilege_role(compose: dict[str, Any]) -> None:
+    """Issue 16: the API and workers log in as medtriage_app (no DDL, append-only audit);
+    only the one-shot migration connects as the owner."""
+    services = compose["services"]
+    for name in ("api", "worker"):
+        url = services[name]["environment"]["MEDTRIAGE_DATABASE_URL"]
+        assert url.startswith("postgresql://medtriage_app:"), (name, url)
+    migrate = services["migrate"]
+    assert migrate["environment"]["MEDTRIAGE_DATABASE_URL"].startswith("postgresql://medtriage:")
+    assert "medtriage db upgrade" in " ".join(migrate["command"])
+    assert "medtriage db app-login" in " ".join(migrate["command"])
+    example = (DEPLOY / ".env.example").read_text()
+    assert "MEDTRIAGE_APP_DB_PASSWORD=" in example
+    assert "MEDTRIAGE_AUDIT_ANCHOR_KEY=" in example
 
 
 def test_compose_mounts_dashboards_and_prometheus_config(compose: dict[str, Any]) -> None:

@@ -77,8 +77,10 @@ def test_images_no_model_was_made_for_end_not_applicable(client: httpx.Client, n
     assert study["status"] == "not_applicable", study
     instance = study["instances"][0]
     assert instance["status"] == "not_applicable" and instance["results"] == []
-    assert instance["error"].startswith("chest_xr: Modality "), instance["error"]
-    assert "is not one of CR, DX" in instance["error"]
+    modality = "CT" if name.startswith("CT") else "MR"
+    assert f"chest_xr: Modality {modality} is not one of CR, DX" in instance["error"]
+    assert f"breast_us: Modality {modality} is not one of US" in instance["error"]
+    assert f"fundus: Modality {modality} is not one of OP" in instance["error"]
     assert study["review"] is None
     report = client.get(f"/v1/studies/{body['id']}/report").json()
     assert report["study"]["status"] == "not_applicable"

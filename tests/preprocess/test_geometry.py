@@ -95,3 +95,23 @@ def test_the_block_shortcut_no_longer_blurs_the_tensor(images: np.ndarray) -> No
 def test_unknown_crop_is_refused() -> None:
     with pytest.raises(ValueError, match="crop"):
         PreprocessSpec.from_dict({"crop": "top"})
+
+
+def test_an_8_bit_frame_without_window_keeps_its_grey_levels() -> None:
+    """Ultrasound frames rarely carry window tags: their 8-bit values are display values
+    (the full range, not a percentile stretch), so a frame without window tags gives the
+    tensor the same frame with an identity window (centre 128, width 256) gives."""
+    from orchestrator.samples import ultrasound
+
+    breast = np.load(REPO.parent / "shared" / "data" / "medmnist" / "breastmnist.npz")
+    spec = PreprocessSpec.from_dict(
+        json.loads((REPO / "model_repository" / "breast_us" / "preprocess.json").read_text())
+    )
+    for image in breast["test_images"][:8]:
+        ds = pp.read_dicom(ultrasound(image, study_uid="1.2.3", size=(600, 800)))
+        ds.WindowCenter, ds.WindowWidth = 128, 256
+        windowed = pp.preprocess(ds, spec, SHAPE)
+        del ds.WindowCenter, ds.WindowWidth
+        bare = pp.preprocess(ds, spec, SHAPE)
+        assert "no_window_full_range" in bare.warnings
+        np.testing.assert_allclose(bare.tensor, windowed.tensor, atol=1e-5)

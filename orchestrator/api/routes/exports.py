@@ -26,6 +26,8 @@ class TargetCreate(BaseModel):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     # DICOMweb base URL; STOW-RS goes to {stow_url}/studies.
     stow_url: Annotated[str, Field(max_length=2000)]
+    # Plain http to this target (https otherwise); only admins register targets.
+    allow_http: bool = False
 
 
 class ExportRequest(BaseModel):
@@ -43,16 +45,18 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _outbound(services: ServicesDep) -> OutboundPolicy:
-    return OutboundPolicy.from_setting(services.settings.outbound_allow_networks)
+    return OutboundPolicy.from_settings(services.settings)
 
 
 @router.post("/pacs-targets", status_code=201)
 def add_target(
     request: Request, services: ServicesDep, principal: Admin, body: TargetCreate
 ) -> dict[str, Any]:
-    _outbound(services).check(body.stow_url, what="stow_url")
+    _outbound(services).check(body.stow_url, what="stow_url", allow_http=body.allow_http)
     with translate_errors(), services.pool.connection() as conn:
-        row = pacs.add_target(conn, principal.tenant_id, body.name, body.stow_url)
+        row = pacs.add_target(
+            conn, principal.tenant_id, body.name, body.stow_url, allow_http=body.allow_http
+        )
     audit(
         request,
         services,

@@ -40,11 +40,44 @@ def _check_store(services: Any) -> None:
     services.store.ping()
 
 
+class _Skipped(Exception):
+    """The check could not run because another dependency is down (reported there)."""
+
+
+class _NotLoaded(Exception):
+    pass
+
+
+def _check_models(services: Any) -> None:
+    """Every version a route or shadow points to is loaded in Triton (a version unloaded
+    behind the API's back fails every tenant's studies routed to it)."""
+    timeout = services.settings.readiness_timeout_s
+    try:
+        with services.pool.connection(timeout=timeout) as conn:
+            routed = conn.execute(
+                "SELECT model, version, shadow FROM model_routes WHERE shadow OR weight > 0"
+                " ORDER BY model, version"
+            ).fetchall()
+        url = services.settings.triton_http_url.rstrip("/") + "/v2/repository/index"
+        index = httpx.post(url, json={}, timeout=timeout).json()
+    except Exception as exc:  # noqa: BLE001 - postgresql / triton are reported on their own
+        raise _Skipped from exc
+    loaded = {(m.get("name"), int(m["version"])) for m in index if m.get("state") == "READY"}
+    missing = [
+        f"{model} v{version}" + (" (shadow)" if shadow else "")
+        for model, version, shadow in routed
+        if (model, int(version)) not in loaded
+    ]
+    if missing:
+        raise _NotLoaded("routed but not loaded: " + ", ".join(missing))
+
+
 _CHECKS = {
     "postgresql": _check_postgres,
     "redis": _check_redis,
     "triton": _check_triton,
     "object_store": _check_store,
+    "models": _check_models,
 }
 
 
@@ -55,11 +88,15 @@ def readyz(services: ServicesDep) -> JSONResponse:
         try:
             check(services)
             return name, "ok"
+        except _Skipped:
+            return name, "skipped"
+        except _NotLoaded as exc:
+            return name, f"down: {exc}"
         except Exception as exc:  # noqa: BLE001 - any failure means "down"; say which
             return name, f"down: {type(exc).__name__}"
 
     with ThreadPoolExecutor(max_workers=len(_CHECKS)) as pool:
         checks = dict(pool.map(run, _CHECKS.items()))
-    down = [name for name, state in checks.items() if state != "ok"]
+    down = [name for name, state in checks.items() if state.startswith("down")]
     body = {"status": "ready" if not down else "not ready", "checks": checks, "down": down}
     return JSONResponse(status_code=200 if not down else 503, content=body)

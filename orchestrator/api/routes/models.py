@@ -1,4 +1,7 @@
-"""/v1/models: rollout state and actions for ML engineers (sre may read)."""
+"""/v1/models: rollout state (ML engineers and sre of any tenant may read) and actions.
+
+Routes, shadows, thresholds and the versions loaded in Triton are shared by every tenant, so
+changing them takes a platform key (``platform-ml-engineer`` / ``platform-admin``)."""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from orchestrator.api.deps import ServicesDep, audit, require
-from orchestrator.errors import NotFound
+from orchestrator.api.deps import ServicesDep, audit, require, require_platform
+from orchestrator.errors import Conflict, NotFound
 from orchestrator.inference import rollout, routing
 from orchestrator.inference.model_control import TritonControl
 from orchestrator.inference.specs import load_repository
@@ -20,8 +23,10 @@ from orchestrator.triage import gate, review
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
-MlEngineer = Annotated[Principal, Depends(require("ml-engineer"))]
-ModelReader = Annotated[Principal, Depends(require("ml-engineer", "sre"))]
+MlEngineer = Annotated[Principal, Depends(require_platform("ml-engineer"))]
+ModelReader = Annotated[
+    Principal, Depends(require("ml-engineer", "sre", "platform-ml-engineer", "platform-admin"))
+]
 
 
 class RoutesUpdate(BaseModel):
@@ -206,9 +211,14 @@ def unload(
     request: Request, services: ServicesDep, principal: MlEngineer, model: str, version: int
 ) -> dict[str, Any]:
     with translate_errors(), services.pool.connection() as conn:
-        routes = routing.load_routes(conn, model)
-        if any(r.version == version and not r.shadow for r in routes):
-            rollout.failover(conn, model, version, actor=principal.name, reason="unload")
+        routed = rollout.routed_to(model, version, routing.load_routes(conn, model))
+    if routed:
+        _act(request, services, principal, "unload", model, {"version": version, "refused": True})
+        raise Conflict(
+            f"{model} v{version} is still routed ({'; '.join(routed)}): every tenant's studies"
+            f" would fail; move the routes away first (PUT /v1/models/{model}/routes,"
+            f" DELETE /v1/models/{model}/shadows/{version}), then unload"
+        )
     control = _control(services)
     try:
         loaded = control.unload(model, version)

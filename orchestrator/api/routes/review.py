@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from psycopg import Connection
 from pydantic import BaseModel, Field
 
@@ -27,6 +27,8 @@ from orchestrator.triage.applicability import load_sets
 router = APIRouter(prefix="/v1/review", tags=["review"])
 # The page shell carries no data (it fetches the fragments below with the reviewer's key).
 page_router = APIRouter(include_in_schema=False)
+# The page's script and style change only with a deployment; revalidated on each load.
+_ASSET_CACHE = {"Cache-Control": "no-cache"}
 
 Reviewer = Annotated[Principal, Depends(require("reviewer"))]
 # Model whose labels a reviewer's override must use (the triage model's).
@@ -92,6 +94,17 @@ def _case_view(services: ServicesDep, principal: Principal, case_id: UUID) -> di
 @page_router.get("/review", response_class=HTMLResponse)
 def review_page() -> HTMLResponse:
     return HTMLResponse(render.page(), headers={"Cache-Control": "no-store"})
+
+
+# The page's script and style are served, not inline, so its policy allows no inline code.
+@page_router.get("/review/app.js", include_in_schema=False)
+def review_script() -> Response:
+    return Response(render.SCRIPT, media_type="text/javascript", headers=_ASSET_CACHE)
+
+
+@page_router.get("/review/app.css", include_in_schema=False)
+def review_style() -> Response:
+    return Response(render.STYLE, media_type="text/css", headers=_ASSET_CACHE)
 
 
 @router.get("/queue")

@@ -13,6 +13,7 @@ from pydantic import AnyHttpUrl, BaseModel, Field
 
 from orchestrator.api.deps import ServicesDep, audit, require
 from orchestrator.deliver import webhooks
+from orchestrator.errors import PermissionDenied
 from orchestrator.security.outbound import OutboundPolicy
 from orchestrator.store.db import translate_errors
 from orchestrator.store.db.keys import Principal
@@ -30,6 +31,8 @@ class WebhookCreate(BaseModel):
     max_attempts: Annotated[int, Field(ge=1, le=20)] = _DEFAULT.max_attempts
     backoff_s: Annotated[float, Field(ge=0.1, le=3600)] = _DEFAULT.backoff_s
     timeout_s: Annotated[float, Field(ge=0.1, le=30)] = _DEFAULT.timeout_s
+    # Plain http to this endpoint (https otherwise): only an admin may allow it.
+    allow_http: bool = False
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:
@@ -51,9 +54,14 @@ def create(
 ) -> dict[str, Any]:
     """Register an endpoint. The answer holds the signing secret; it is never shown again."""
     policy = webhooks.Policy(body.max_attempts, body.backoff_s, body.timeout_s)
+    if body.allow_http and not principal.has_any({"admin"}):
+        raise PermissionDenied(
+            "plain http for a webhook must be allowed by an admin: register it with an admin"
+            " key, or use an https URL"
+        )
     # SSRF: the URL must name a public address unless the deployment allows its network.
-    OutboundPolicy.from_setting(services.settings.outbound_allow_networks).check(
-        str(body.url), what="webhook url"
+    OutboundPolicy.from_settings(services.settings).check(
+        str(body.url), what="webhook url", allow_http=body.allow_http
     )
     with translate_errors(), services.pool.connection() as conn:
         row, secret = webhooks.create(
@@ -63,6 +71,7 @@ def create(
             list(body.events),
             policy,
             ring=getattr(services.store, "ring", None),
+            allow_http=body.allow_http,
         )
     _act(request, services, principal, "webhook.create", str(row["id"]))
     return {**_public(row), "secret": secret}

@@ -13,7 +13,13 @@ from uuid import UUID
 from psycopg import Connection
 from psycopg.rows import class_row, dict_row
 
-ROLES = ("uploader", "reviewer", "ml-engineer", "sre", "admin")
+TENANT_ROLES = ("uploader", "reviewer", "ml-engineer", "sre", "admin")
+# Platform roles act on what every tenant shares (model routes, shadows, thresholds, the
+# versions loaded in Triton) and on nothing of any tenant's patients. Their keys live in
+# the reserved tenant PLATFORM_TENANT by default (`medtriage keys create --role platform-...`).
+PLATFORM_ROLES = ("platform-ml-engineer", "platform-admin")
+ROLES = TENANT_ROLES + PLATFORM_ROLES
+PLATFORM_TENANT = "platform"
 _PREFIX_BYTES = 6
 _SECRET_BYTES = 32
 
@@ -32,6 +38,10 @@ class Principal:
 
     def has_any(self, roles: set[str]) -> bool:
         return self.role in roles or bool(roles.intersection(self.extra_roles))
+
+    @property
+    def platform(self) -> bool:
+        return self.role in PLATFORM_ROLES
 
 
 @dataclass(frozen=True)

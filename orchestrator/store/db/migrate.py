@@ -1,4 +1,8 @@
-"""Numbered SQL migrations in ``migrations/NNNN_name.sql``, applied in order, each once."""
+"""Numbered SQL migrations in ``migrations/NNNN_name.sql``, applied in order, each once.
+
+Run by the schema's owner (`medtriage db upgrade`). The API and workers run as a member of
+``medtriage_app`` (no DDL right) and call ``upgrade`` at start too: with nothing pending it
+needs no more than SELECT on ``schema_migrations``."""
 
 from __future__ import annotations
 
@@ -26,17 +30,25 @@ def upgrade(url: str) -> list[str]:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_ADVISORY_LOCK_ID,))
         try:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
+            exists = conn.execute("SELECT to_regclass('schema_migrations')").fetchone()
+            if exists is None or exists[0] is None:
+                conn.execute(
+                    "CREATE TABLE schema_migrations ("
+                    " version integer PRIMARY KEY, name text NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                )
             done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
             for version, name, sql in _migrations():
                 if version in done:
                     continue
                 with conn.transaction():
-                    conn.execute(sql.encode())
+                    try:
+                        conn.execute(sql.encode())
+                    except psycopg.errors.InsufficientPrivilege as exc:
+                        raise PermissionError(
+                            f"migration {name} needs the schema owner: run `medtriage db"
+                            " upgrade` with the owner's MEDTRIAGE_DATABASE_URL first"
+                        ) from exc
                     conn.execute(
                         "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
                         (version, name),

@@ -16,6 +16,7 @@ from pydicom.data import get_testdata_file
 
 from orchestrator.api import create_app
 from orchestrator.api.app import PUBLIC_PATHS, iter_routes
+from orchestrator.api.deps import refused_keys
 from orchestrator.settings import ApiSettings
 
 pytestmark = pytest.mark.integration
@@ -58,14 +59,20 @@ def test_every_non_public_route_refuses_missing_and_wrong_keys(api: TestClient) 
 
 
 def test_failed_logins_are_audited(api: TestClient, database_url: str) -> None:
+    # Audited in aggregate per source and interval (test_refusals.py): flush the interval.
+    services = api.app.state.services  # type: ignore[attr-defined]
+    refused_keys(services).flush(services.pool, force=True)
     with psycopg.connect(database_url) as conn:
         before = conn.execute(
-            "SELECT count(*) FROM audit_log WHERE action = 'authenticate' AND outcome = 'denied'"
+            "SELECT coalesce(sum((detail->>'count')::int), 0) FROM audit_log"
+            " WHERE action = 'authenticate' AND outcome = 'denied'"
         ).fetchone()[0]
     api.get("/v1/studies", headers={"Authorization": "Bearer mt_abc_def"})
+    refused_keys(services).flush(services.pool, force=True)
     with psycopg.connect(database_url) as conn:
         after = conn.execute(
-            "SELECT count(*) FROM audit_log WHERE action = 'authenticate' AND outcome = 'denied'"
+            "SELECT coalesce(sum((detail->>'count')::int), 0) FROM audit_log"
+            " WHERE action = 'authenticate' AND outcome = 'denied'"
         ).fetchone()[0]
     assert after == before + 1
 

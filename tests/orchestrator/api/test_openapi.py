@@ -19,6 +19,9 @@ UNDOCUMENTED = {
     ("GET", "/metrics"),
     ("GET", "/metrics/targets"),
     ("GET", "/review"),
+    # Its script and style, served (not inline) under a strict Content-Security-Policy.
+    ("GET", "/review/app.js"),
+    ("GET", "/review/app.css"),
 }
 DOCS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 HTTP_METHODS = {"get", "post", "put", "patch", "delete"}

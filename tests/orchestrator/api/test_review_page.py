@@ -68,6 +68,12 @@ def test_reviewer_overrides_a_case_with_the_keyboard(
         ).fetchone()
     truth = "pneumonia" if live_label == "normal" else "normal"
 
+    # The page runs under its strict Content-Security-Policy: nothing may be blocked.
+    blocked: list[str] = []
+    page.on(
+        "console",
+        lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None,
+    )
     page.goto(f"{stack.api_url}/review")
     # A wrong key is refused in the page itself.
     expect(page.locator("#key")).to_be_focused()
@@ -108,6 +114,8 @@ def test_reviewer_overrides_a_case_with_the_keyboard(
     expect(overlay).to_be_visible()
     toggle.first.uncheck()
     expect(overlay).to_be_hidden()
+    # The shortcuts below act from anywhere but a form field: focus the case's claim button.
+    page.locator("button[data-action=claim]").focus()
 
     # Claim (c), then override: o focuses the label list, type to choose, Tab to the note.
     page.keyboard.press("c")
@@ -133,6 +141,7 @@ def test_reviewer_overrides_a_case_with_the_keyboard(
             (case_id,),
         ).fetchone()
     assert row == ("closed", "override", truth, "keyboard override", "test-reviewer")
+    assert blocked == []
     # Back on the queue, the closed case is gone.
     expect(page.locator(f'li[data-case-id="{case_id}"]')).to_have_count(0)
     ARTIFACTS.mkdir(exist_ok=True)

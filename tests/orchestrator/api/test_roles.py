@@ -22,8 +22,9 @@ from orchestrator.store.db.keys import ROLES
 pytestmark = pytest.mark.integration
 
 READ_PATIENT_DATA = {"uploader", "reviewer", "ml-engineer", "admin"}
-MODEL_READ = {"ml-engineer", "sre", "admin"}
-MODEL_ACTION = {"ml-engineer", "admin"}
+MODEL_READ = {"ml-engineer", "sre", "admin", "platform-ml-engineer", "platform-admin"}
+# Platform-wide (every tenant gets these models): platform keys only, never a tenant's admin.
+MODEL_ACTION = {"platform-ml-engineer", "platform-admin"}
 OPERATIONS = {"sre", "admin"}
 REVIEW = {"reviewer", "admin"}
 WEBHOOKS = {"uploader", "admin"}

@@ -12,11 +12,11 @@ import httpx
 import psycopg
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from orchestrator.api import create_app
 from orchestrator.api.app import PUBLIC_PATHS, iter_routes
+from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import ApiSettings
 
 pytestmark = pytest.mark.integration
@@ -50,8 +50,14 @@ def routes() -> list[tuple[str, str]]:
     )
 
 
+def _chest_film() -> bytes:
+    """A paediatric chest CR film the chest models take (a CT slice is not_applicable)."""
+    images, _ = load_samples()
+    return radiograph(images[0], study_uid=generate_uid(), size=256)
+
+
 def _ct(study_uid: str) -> bytes:
-    ds = dcmread(str(get_testdata_file("CT_small.dcm")))
+    ds = dcmread(io.BytesIO(_chest_film()))
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = generate_uid()
     ds.SOPInstanceUID = generate_uid()
@@ -99,8 +105,13 @@ def _concrete(path: str, ids: dict[str, str]) -> str:
 
 def _call(client: httpx.Client, method: str, url: str, ids: dict[str, str]) -> tuple[int, str]:
     # Bodies that name tenant A's data wherever a route takes ids in its body (and a valid
-    # verdict, so the review verdict route answers for the case, not for the body).
-    body = {"study_ids": [ids["study_id"]], "all": False, "verdict": "agree"}
+    # verdict and hold reason, so those routes answer for the case or study, not the body).
+    body = {
+        "study_ids": [ids["study_id"]],
+        "all": False,
+        "verdict": "agree",
+        "reason": "cross-tenant probe",
+    }
     kwargs: dict[str, Any] = {"json": body} if method in ("POST", "PUT") else {}
     with client.stream(method, url, timeout=STREAM_TIMEOUT_S, **kwargs) as r:
         if r.headers.get("content-type", "").startswith("text/event-stream"):
@@ -195,7 +206,10 @@ def test_tenant_b_does_not_see_tenant_a_in_lists_or_audit(
             "/v1/audit", params={"limit": 1000}, headers={"Authorization": f"Bearer {b_admin}"}
         )
         assert audit_b.status_code == 200
-        assert tenant_a["study_id"] not in audit_b.text
+        # B's own refused probes of A's ids (the replay test above) are in B's trail — the id
+        # B itself sent, refused; nothing of A's that B did not already hold is.
+        naming_a = [row for row in audit_b.json()["items"] if tenant_a["study_id"] in str(row)]
+        assert all(row["outcome"] != "ok" for row in naming_a), naming_a
         audit_a = c.get(
             "/v1/audit",
             params={"resource_id": tenant_a["study_id"]},

@@ -105,14 +105,18 @@ def test_sr_export_to_orthanc_over_stow_rs(
     assert r.status_code == 404 and "PACS target" in r.json()["detail"]
     r = c.post(
         "/v1/pacs-targets",
-        json={"name": "orthanc", "stow_url": f"{orthanc}/dicom-web"},
+        json={"name": "orthanc", "stow_url": f"{orthanc}/dicom-web", "allow_http": True},
         headers=admin,
     )
     assert r.status_code == 201, r.text
     dead_port = _free_port()
     r = c.post(
         "/v1/pacs-targets",
-        json={"name": "nowhere", "stow_url": f"http://127.0.0.1:{dead_port}/dicom-web"},
+        json={
+            "name": "nowhere",
+            "stow_url": f"http://127.0.0.1:{dead_port}/dicom-web",
+            "allow_http": True,
+        },
         headers=admin,
     )
     assert r.status_code == 201, r.text

@@ -37,7 +37,7 @@ def clients(stack: Any, make_key: Any) -> tuple[httpx.Client, httpx.Client]:
     ml = httpx.Client(
         base_url=stack.api_url,
         timeout=60,
-        headers={"Authorization": f"Bearer {make_key('ml-engineer', 'rollout')}"},
+        headers={"Authorization": f"Bearer {make_key('platform-ml-engineer', 'platform')}"},
     )
     return up, ml
 
@@ -143,6 +143,9 @@ def test_unloading_a_version_mid_run_loses_no_study(
     )
     images, _ = load_samples()
     ids = [_post(up, images[i % len(images)]) for i in range(40)]
+    # A routed version is not unloaded (409, test_platform_models.py): route away first.
+    assert ml.post("/v1/models/triage/versions/2/unload").status_code == 409
+    assert ml.put("/v1/models/triage/routes", json={"weights": {"1": 100}}).status_code == 200
     unloaded = ml.post("/v1/models/triage/versions/2/unload")
     assert unloaded.status_code == 200, unloaded.text
     assert 2 not in unloaded.json()["loaded"]
@@ -154,11 +157,7 @@ def test_unloading_a_version_mid_run_loses_no_study(
             routes = conn.execute(
                 "SELECT version, weight FROM model_routes WHERE model = 'triage' AND NOT shadow"
             ).fetchall()
-            events = conn.execute(
-                "SELECT count(*) FROM model_events WHERE model = 'triage' AND action = 'failover'"
-            ).fetchone()[0]
         assert routes == [(1, 100)]
-        assert events >= 1
     finally:
         assert ml.post("/v1/models/triage/versions/2/load").status_code == 200
 

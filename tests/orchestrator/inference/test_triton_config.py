@@ -21,6 +21,7 @@ MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 IMAGE = TensorSpec("image", "FP32", (1, 28, 28))
 PROBS = TensorSpec("probs", "FP32", (2,), "labels.txt")
 HEATMAP = TensorSpec("heatmap", "FP32", (7, 7))
+OOD = TensorSpec("ood_score", "FP32", (1,))
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def repo(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize(
     ("name", "outputs"),
-    [("triage", (PROBS,)), ("analysis", (PROBS, HEATMAP))],
+    [("triage", (PROBS, OOD)), ("analysis", (PROBS, HEATMAP, OOD))],
     ids=["triage", "analysis"],
 )
 def test_real_configs(name: str, outputs: tuple[TensorSpec, ...]) -> None:
@@ -48,6 +49,12 @@ def test_real_configs(name: str, outputs: tuple[TensorSpec, ...]) -> None:
     assert spec.preprocess["mean"] == 0.5 and spec.preprocess["std"] == 0.5
     assert 1 in spec.versions
     assert spec.output("probs") is spec.outputs[0]
+    # The roles of the extra outputs are named in the config, the code reads them.
+    assert spec.ood_output == "ood_score" and spec.probs_output == "probs"
+    assert spec.attention_output == ("heatmap" if name == "analysis" else None)
+    for version in spec.versions:
+        assert spec.gates[version]["ood"]["threshold"] > 0
+        assert 0 < spec.gates[version]["operating_point"]["threshold"] < 1
     with pytest.raises(KeyError, match="no tensor 'nope'"):
         spec.output("nope")
 
@@ -55,7 +62,7 @@ def test_real_configs(name: str, outputs: tuple[TensorSpec, ...]) -> None:
 def test_load_repository_reads_every_model() -> None:
     models = load_repository(MODEL_REPOSITORY)
 
-    assert set(models) == {"triage", "analysis"}
+    assert set(models) == {"triage", "analysis", "breast_us", "fundus"}
     assert all(isinstance(spec, ModelSpec) for spec in models.values())
 
 

@@ -53,7 +53,7 @@ _BOUNDARY = "malformed-test-boundary"
 
 def _dataset(**tags: Any) -> pydicom.Dataset:
     images, _ = load_samples()
-    ds = pydicom.dcmread(io.BytesIO(radiograph(images[0], study_uid=generate_uid(), size=64)))
+    ds = pydicom.dcmread(io.BytesIO(radiograph(images[0], study_uid=generate_uid(), size=256)))
     for keyword, value in tags.items():
         setattr(ds, keyword, value)
     return ds

@@ -21,12 +21,12 @@ import httpx
 import psycopg
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from redis import Redis
 
 from orchestrator.privacy.retention import KINDS, STUDY_REFERENCES, set_legal_hold, set_policy
 from orchestrator.queue import jobs as jobqueue
+from orchestrator.samples import load_samples, radiograph
 
 pytestmark = pytest.mark.integration
 
@@ -35,8 +35,14 @@ WAIT_S = 120.0
 POLICY = timedelta(seconds=1)
 
 
+def _chest_film() -> bytes:
+    """A paediatric chest CR film the chest models take (a CT slice is not_applicable)."""
+    images, _ = load_samples()
+    return radiograph(images[0], study_uid=generate_uid(), size=256)
+
+
 def _dicom() -> bytes:
-    ds = dcmread(str(get_testdata_file("CT_small.dcm")))
+    ds = dcmread(io.BytesIO(_chest_film()))
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (
         generate_uid(),
         generate_uid(),

@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,12 +26,15 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
+from rq import Worker
 
-from orchestrator.cli.stack import LocalStack
+from orchestrator.cli.stack import LocalStack, free_port
 from orchestrator.inference.local_triton.install import install_runtime
 from orchestrator.inference.local_triton.process import TritonProcess
 from orchestrator.inference.local_triton.render import render_repository
+from orchestrator.inference.specs import load_repository
 from orchestrator.queue import jobs as jobqueue
 from orchestrator.samples import load_samples, radiograph
 from orchestrator.settings import REPO_ROOT, CliSettings
@@ -41,7 +46,9 @@ pytestmark = pytest.mark.integration
 
 WORKERS = 2
 IMAGES_PER_STUDY = 4
-IMAGE_SIZE = 256  # the chest set takes films of at least 256×256 (applicability.toml)
+# The chest set's min_rows/min_columns (model_repository/triage/applicability.toml): smaller
+# images are not_applicable and never reach a model, which would leave nothing to lose.
+IMAGE_SIZE = 256
 # Reconciler settings for the stack under test: quick, so recovery is measured in seconds.
 RECONCILE_INTERVAL_S = 1.0
 STALE_AFTER_S = 3.0
@@ -53,6 +60,25 @@ SETTLE_TIMEOUT_S = 60.0 + 2 * sum(jobqueue.RETRY_INTERVALS_S)
 # An upload refused with 503 is sent again after Retry-After, at most this many times.
 UPLOAD_RETRIES = 60
 UPLOAD_RETRY_CAP_S = 1.0
+# Redis is down this long in the retry test (the scheduler passes every second).
+REDIS_DOWN_S = 5.0
+# A job's first failure reaches RQ's scheduled registry within this (its step retries).
+SCHEDULED_WAIT_S = 60.0
+# A retry after a Redis restart: the first retry interval, the overdue grace
+# (reconcile.SCHEDULED_OVERDUE_S), a reconcile interval and the run itself, with room.
+RETRY_AFTER_RESTART_TIMEOUT_S = 90.0
+# Worker processes under `medtriage worker`'s supervisor, and how long one may take to be
+# started again (backoff after a second quick death: 2 s) and warm up (Triton ready, pool).
+SUPERVISED = 2
+SUPERVISED_WAIT_S = 90.0
+# Worker metrics endpoints are announced every metrics.ANNOUNCE_INTERVAL_S; room beyond it.
+TARGETS_WAIT_S = 30.0
+# With PostgreSQL down, an answer (503) within this; probes of each kind; the client's own
+# timeout (the issue's clients used 5 s); how long it may take to work again once it is back.
+FAIL_FAST_S = 1.2
+FAIL_FAST_PROBES = 5
+FAIL_FAST_CLIENT_S = 10.0
+RECOVER_TIMEOUT_S = 30.0
 TERMINAL = ("done", "needs_review", "failed", "not_applicable")
 _POLL_S = 0.25
 
@@ -120,7 +146,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         rendered,
         root / "triton.log",
         model_control="explicit",
-        load_models=["triage", "analysis"],
+        load_models=sorted(load_repository(REPO_ROOT / "model_repository")),
     ).start(timeout_s=180)
     upgrade(pg.url)
     env = {
@@ -316,6 +342,81 @@ def test_redis_restart_mid_load_loses_no_accepted_study(world: World) -> None:
     )
 
 
+def _triton_model(world: World, model: str, action: str) -> None:
+    """Load or unload ``model`` through Triton's repository API (explicit model control)."""
+    url = f"{world.triton.http_url}/v2/repository/models/{model}/{action}"
+    response = httpx.post(url, timeout=120)
+    assert response.status_code == 200, response.text
+
+
+def _scheduled(world: World) -> int:
+    """Jobs waiting in RQ's scheduled registries (a retry's wait) in the test's Redis."""
+    redis = jobqueue.connect(world.redis.url)
+    try:
+        return sum(int(redis.zcard(key)) for key in redis.scan_iter("rq:scheduled:*"))
+    finally:
+        redis.close()
+
+
+def _diagnose(world: World, study: str) -> tuple[object, ...]:
+    redis = jobqueue.connect(world.redis.url)
+    with psycopg.connect(world.database_url) as conn:
+        row = conn.execute(
+            "SELECT s.status, j.attempts, j.last_error FROM studies s"
+            " LEFT JOIN jobs j ON j.study_id = s.id WHERE s.id::text = %s",
+            (study,),
+        ).fetchone()
+    job = redis.hgetall(f"rq:job:study-{study}-process")
+    return row, {
+        k: v[:200] for k, v in job.items() if k in (b"status", b"exc_info", b"worker_name")
+    }
+
+
+def _wait_alive(world: World, timeout_s: float = 30.0) -> None:
+    """Until every live worker has written its liveness key to the (restarted) Redis."""
+    redis = jobqueue.connect(world.redis.url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(list(redis.scan_iter("faults:alive:*"))) < len(world.workers()):
+            assert time.monotonic() < deadline, "workers did not reconnect to Redis"
+            time.sleep(_POLL_S)
+    finally:
+        redis.close()
+
+
+def test_redis_restart_then_a_job_that_needs_a_retry_still_finishes(world: World) -> None:
+    """Issue 16, item 1: RQ's scheduler process dies with a Redis restart; a job whose first
+    attempt then fails transiently (the live model unloaded: ModelUnavailable) waits in
+    ``rq:scheduled:*`` for its retry. It must run (the scheduler comes back, or the reconciler
+    moves the overdue job), with no worker restarted by hand."""
+    world.redis.kill()
+    time.sleep(REDIS_DOWN_S)  # long enough for the scheduler's next pass to meet no server
+    world.redis.start()
+    _wait_alive(world)
+    _triton_model(world, "triage", "unload")
+    try:
+        study = upload(world)  # the models must run, and fail
+        assert study is not None
+        deadline = time.monotonic() + SCHEDULED_WAIT_S
+        while _scheduled(world) == 0:
+            assert time.monotonic() < deadline, (
+                "the failed job was never scheduled for a retry",
+                _diagnose(world, study),
+            )
+            time.sleep(_POLL_S)
+    finally:
+        _triton_model(world, "triage", "load")
+    scheduled_at = time.monotonic()
+    statuses = settle(world, [study], timeout_s=RETRY_AFTER_RESTART_TIMEOUT_S)
+    assert statuses[study] in ("done", "needs_review"), statuses
+    label = "Redis restarted, then a job that needs a retry"
+    record(
+        label,
+        "time from retry scheduled to study finished",
+        f"{time.monotonic() - scheduled_at:.1f} s",
+    )
+
+
 # --- PostgreSQL restarted ------------------------------------------------------------------
 
 
@@ -456,3 +557,179 @@ def test_graceful_shutdown_finishes_the_job_in_hand(world: World) -> None:
     record("SIGTERM to every worker mid-job", "time to drain", f"{drained_s:.1f} s")
     record("SIGTERM to every worker mid-job", "studies lost", "0")
     assert all(c == 0 for c in codes), codes
+
+
+# --- `medtriage worker` with CONCURRENCY=2: its children SIGKILLed ---------------------------
+
+
+@dataclass
+class Supervised:
+    parent: subprocess.Popen[bytes]
+    metrics_port: int
+
+
+def _children(pid: int) -> set[int]:
+    """The direct children of ``pid`` (the supervisor's worker processes)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(p) for p in path.read_text().split()} if path.exists() else set()
+
+
+def _registered(world: World) -> set[str]:
+    """Names of the RQ workers registered now (a worker registers once it is warm)."""
+    redis = jobqueue.connect(world.redis.url)
+    try:
+        return {w.name for w in Worker.all(connection=redis)}
+    finally:
+        redis.close()
+
+
+def _wait_capacity(world: World, boss: Supervised, gone: set[int]) -> set[int]:
+    """Until the supervisor has CONCURRENCY children, none of ``gone``, each registered."""
+    host = socket.gethostname()
+    deadline = time.monotonic() + SUPERVISED_WAIT_S
+    while True:
+        assert boss.parent.poll() is None, "the supervisor exited"
+        kids = _children(boss.parent.pid)
+        names = _registered(world)
+        if (
+            len(kids) == SUPERVISED
+            and not kids & gone
+            and all(f"{host}-{k}" in names for k in kids)
+        ):
+            return kids
+        assert time.monotonic() < deadline, (kids, gone, sorted(names))
+        time.sleep(_POLL_S)
+
+
+@pytest.fixture(scope="module")
+def supervised(world: World) -> Iterator[Supervised]:
+    port = free_port()
+    env = {
+        **world.stack.env,
+        "MEDTRIAGE_CONCURRENCY": str(SUPERVISED),
+        "MEDTRIAGE_WORKER_METRICS_PORT": str(port),
+        "MEDTRIAGE_WORKER_METRICS_PORT_SPAN": "20",
+    }
+    log = open(world.stack.logs / "supervised.log", "ab")  # noqa: SIM115 - owned by the child
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "worker"], env=env, stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    boss = Supervised(parent, port)
+    try:
+        _wait_capacity(world, boss, set())
+        yield boss
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        try:
+            parent.wait(60)
+        except subprocess.TimeoutExpired:
+            parent.kill()
+            parent.wait()
+        log.close()
+
+
+def _restarts_counted(boss: Supervised) -> float:
+    """medtriage_worker_restarts_total{exit="signal"} from the supervisor's own endpoint
+    (the first port of the range: it binds before its children start)."""
+    text = httpx.get(f"http://127.0.0.1:{boss.metrics_port}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "medtriage_worker_restarts_total" and sample.labels == {
+                "exit": "signal"
+            }:
+                return float(sample.value)
+    return 0.0
+
+
+def test_sigkilled_worker_children_are_replaced_by_the_supervisor(
+    world: World, supervised: Supervised
+) -> None:
+    """Issue 16, item 2: kill -9 one child, then both; capacity comes back each time by
+    itself and the parent carries on."""
+    first = _children(supervised.parent.pid)
+    victim = min(first)
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    second = _wait_capacity(world, supervised, {victim})
+    one_s = time.monotonic() - killed_at
+    for pid in second:
+        os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    _wait_capacity(world, supervised, second | {victim})
+    both_s = time.monotonic() - killed_at
+    assert supervised.parent.poll() is None
+    assert _restarts_counted(supervised) == 3
+    label = f"`medtriage worker` CONCURRENCY={SUPERVISED}, children SIGKILLed"
+    record(label, "one child: back to full capacity (registered, warm)", f"{one_s:.1f} s")
+    record(label, "both children: back to full capacity", f"{both_s:.1f} s")
+
+
+def _targets(world: World) -> set[str]:
+    groups = httpx.get(f"{world.stack.api_url}/metrics/targets", timeout=10).json()
+    return {t for g in groups for t in g["targets"]}
+
+
+def test_worker_metrics_endpoints_are_listed_again_after_a_redis_restart(
+    world: World, supervised: Supervised
+) -> None:
+    """Issue 16, item 9: /metrics/targets (Prometheus HTTP SD) lists the supervised workers'
+    endpoints again soon after Redis restarts with its data gone, with no worker restarted."""
+    deadline = time.monotonic() + TARGETS_WAIT_S
+    while len(before := _targets(world)) < SUPERVISED:
+        assert time.monotonic() < deadline, before
+        time.sleep(_POLL_S)
+    children = _children(supervised.parent.pid)
+    world.redis.restart()
+    restarted = time.monotonic()
+    while (after := _targets(world)) != before:
+        assert time.monotonic() - restarted < TARGETS_WAIT_S, (before, after)
+        time.sleep(_POLL_S)
+    relisted_s = time.monotonic() - restarted
+    assert _children(supervised.parent.pid) == children  # nobody was restarted
+    record("Redis restarted", "worker metrics endpoints listed again after", f"{relisted_s:.1f} s")
+
+
+# --- PostgreSQL down: fail fast, recover by itself -------------------------------------------
+
+
+def _timed(world: World, method: str, path: str, **kwargs: Any) -> tuple[int, float]:
+    """(status, seconds) of one API request; 0 for no answer within the client's timeout."""
+    started = time.monotonic()
+    try:
+        status = world.client.request(
+            method, path, timeout=FAIL_FAST_CLIENT_S, **kwargs
+        ).status_code
+    except httpx.TimeoutException:
+        status = 0
+    return status, time.monotonic() - started
+
+
+def test_postgres_down_requests_fail_fast_and_recover_by_themselves(world: World) -> None:
+    """Issue 16, item 8: with PostgreSQL down, requests and /readyz answer 503 within about a
+    second (a client with a 5 s timeout gets an answer), and work again once it is back, with
+    no API restart."""
+    study = upload(world)
+    assert study is not None
+    world.pg.stop(mode="immediate")
+    try:
+        _timed(world, "GET", f"/v1/studies/{study}")  # the first one finds out
+        reads = [_timed(world, "GET", f"/v1/studies/{study}") for _ in range(FAIL_FAST_PROBES)]
+        ready = [_timed(world, "GET", "/readyz") for _ in range(FAIL_FAST_PROBES)]
+    finally:
+        world.pg.start()
+    back = time.monotonic()
+    while (status := _timed(world, "GET", f"/v1/studies/{study}")[0]) != 200:
+        assert time.monotonic() - back < RECOVER_TIMEOUT_S, status
+        time.sleep(_POLL_S)
+    recovered_s = time.monotonic() - back
+    label = "PostgreSQL down (requests and /readyz while down)"
+    record(
+        label, "slowest GET /v1/studies/{id} (after the first)", f"{max(s for _, s in reads):.2f} s"
+    )
+    record(label, "slowest /readyz", f"{max(s for _, s in ready):.2f} s")
+    record(label, "first 200 after PostgreSQL is back", f"{recovered_s:.1f} s")
+    assert {c for c, _ in reads} == {503}, reads
+    assert {c for c, _ in ready} == {503}, ready
+    assert max(s for _, s in reads) < FAIL_FAST_S, reads
+    assert max(s for _, s in ready) < FAIL_FAST_S, ready

@@ -19,7 +19,6 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -28,11 +27,18 @@ from pydicom.uid import generate_uid
 from orchestrator.reports import sc, sr
 from orchestrator.reports.context import ReportContext
 from orchestrator.reports.source_header import normalise
+from orchestrator.samples import load_samples, radiograph
 
 BIRTH = "1975-03-14"
 NAME = "Müller^Jörg"
 TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 WAIT_S = 120.0
+
+
+def _chest_film() -> bytes:
+    """A paediatric chest CR film the chest models take (a CT slice is not_applicable)."""
+    images, _ = load_samples()
+    return radiograph(images[0], study_uid=generate_uid(), size=256)
 
 
 def _raw(ds: Dataset, keyword_tag: int, vr: str, value: bytes) -> None:
@@ -41,14 +47,14 @@ def _raw(ds: Dataset, keyword_tag: int, vr: str, value: bytes) -> None:
 
 
 def _source(shape: str) -> bytes:
-    """CT_small with one kind of broken header value, written as a file."""
-    ds = pydicom.dcmread(str(get_testdata_file("CT_small.dcm")))
+    """A chest film with one kind of broken header value, written as a file."""
+    ds = pydicom.dcmread(io.BytesIO(_chest_film()))
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (
         generate_uid(),
         generate_uid(),
         generate_uid(),
     )
-    del ds.PatientBirthDate
+    ds.pop("PatientBirthDate", None)
     if shape in ("empty charset", "all"):
         _raw(ds, 0x00080005, "CS", b"  ")
     if shape == "unknown charset":

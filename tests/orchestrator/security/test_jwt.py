@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 
 from orchestrator import metrics
 from orchestrator.api import create_app
+from orchestrator.api.deps import refused_keys
 from orchestrator.security.oidc import Issuer
 from orchestrator.settings import ApiSettings
 from orchestrator.store.db.keys import create_key, ensure_tenant
@@ -114,16 +115,22 @@ def test_forged_and_invalid_tokens_are_refused_and_audited(
     api: TestClient, issuer: Issuer, database_url: str
 ) -> None:
     forged = _forged_tokens(issuer)
+    # Audited in aggregate per source and interval (test_refusals.py): flush the interval.
+    services = api.app.state.services  # type: ignore[attr-defined]
+    refused_keys(services).flush(services.pool, force=True)
     with psycopg.connect(database_url) as conn:
         before = conn.execute(
-            "SELECT count(*) FROM audit_log WHERE action = 'authenticate' AND outcome = 'denied'"
+            "SELECT coalesce(sum((detail->>'count')::int), 0) FROM audit_log"
+            " WHERE action = 'authenticate' AND outcome = 'denied'"
         ).fetchone()[0]
     for name, token in forged.items():
         # The correctly signed original is accepted, so the refusals are about the forgery.
         assert _get(api, token) == 401, name
+    refused_keys(services).flush(services.pool, force=True)
     with psycopg.connect(database_url) as conn:
         after = conn.execute(
-            "SELECT count(*) FROM audit_log WHERE action = 'authenticate' AND outcome = 'denied'"
+            "SELECT coalesce(sum((detail->>'count')::int), 0) FROM audit_log"
+            " WHERE action = 'authenticate' AND outcome = 'denied'"
         ).fetchone()[0]
     assert after - before == len(forged)
 

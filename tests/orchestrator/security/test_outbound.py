@@ -81,7 +81,7 @@ def test_refused_destinations(url: str, reason: str) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["https://hooks.example.org/medtriage", "http://v6.example.org:8080/x", f"http://{PUBLIC}/"],
+    ["https://hooks.example.org/medtriage", "https://v6.example.org/x", f"https://{PUBLIC}/"],
 )
 def test_public_destinations_pass(url: str) -> None:
     OutboundPolicy(resolver=_literal_or_fake).check(url)
@@ -101,16 +101,18 @@ def test_real_resolution_sees_through_spellings_of_loopback(url: str) -> None:
 
 def test_allow_list() -> None:
     loopback = OutboundPolicy.from_setting("127.0.0.0/8, ::1/128")
-    loopback.check("http://localhost:9/x")
-    loopback.check("http://[::1]:9/x")
+    loopback.check("https://localhost:9/x")
+    loopback.check("http://[::1]:9/x", allow_http=True)
     with pytest.raises(DestinationRefused, match="private"):
         loopback.check("http://10.0.0.1/")
     # A broad allowance does not open the metadata service; only its own address does.
     everything = OutboundPolicy.from_setting("0.0.0.0/0,::/0")
-    everything.check("http://10.0.0.1/")
+    everything.check("https://10.0.0.1/")
     with pytest.raises(DestinationRefused, match="cloud metadata"):
         everything.check("http://169.254.169.254/")
-    OutboundPolicy.from_setting("169.254.169.254/32").check("http://169.254.169.254/")
+    OutboundPolicy.from_setting("169.254.169.254/32").check(
+        "http://169.254.169.254/", allow_http=True
+    )
     with pytest.raises(ValueError, match="not a CIDR"):
         OutboundPolicy.from_setting("10.0.0.0/8,pacs.hospital")
     # The API refuses to start with it, rather than failing each registration later.
@@ -163,6 +165,7 @@ def test_send_time_checks(receiver: _Receiver) -> None:
         "secret": "s",
         "url": receiver.url + "/hook",
         "timeout_s": 5.0,
+        "allow_http": True,
     }
     with httpx.Client(follow_redirects=False) as client:
         delivered, status, error = webhooks.attempt(client, delivery, OutboundPolicy())
@@ -170,12 +173,17 @@ def test_send_time_checks(receiver: _Receiver) -> None:
         assert error is not None and error.startswith("refused:") and "loopback" in error
         assert receiver.hits == 0
         with pytest.raises(pacs.ExportFailed, match="refused.*loopback"):
-            pacs.stow(receiver.url + "/dicom-web", [b"DICM"], outbound=OutboundPolicy())
+            pacs.stow(
+                receiver.url + "/dicom-web", [b"DICM"], outbound=OutboundPolicy(), allow_http=True
+            )
         assert receiver.hits == 0
         # The control: with loopback allowed both requests are sent.
         allowed = OutboundPolicy.from_setting("127.0.0.0/8")
         assert webhooks.attempt(client, delivery, allowed)[:2] == (True, 200)
-        assert pacs.stow(receiver.url + "/dicom-web", [b"DICM"], outbound=allowed) == []
+        stored = pacs.stow(
+            receiver.url + "/dicom-web", [b"DICM"], outbound=allowed, allow_http=True
+        )
+        assert stored == []
         assert receiver.hits == 2
 
 
@@ -204,10 +212,14 @@ def test_requests_go_to_the_address_that_was_checked(receiver: _Receiver) -> Non
         "secret": "s",
         "url": f"http://hooks.test:{port}/hook",
         "timeout_s": 5.0,
+        "allow_http": True,
     }
     with httpx.Client(follow_redirects=False) as client:
         assert webhooks.attempt(client, delivery, policy)[:2] == (True, 200)
-    assert pacs.stow(f"http://hooks.test:{port}/dicom-web", [b"DICM"], outbound=policy) == []
+    stored = pacs.stow(
+        f"http://hooks.test:{port}/dicom-web", [b"DICM"], outbound=policy, allow_http=True
+    )
+    assert stored == []
     assert receiver.hosts == [f"hooks.test:{port}"] * 2
 
 
@@ -241,9 +253,16 @@ def test_api_refuses_internal_urls(
             assert r.json()["error"] == "DestinationRefused"
         assert api.get("/v1/webhooks", headers=uploader).json()["items"] == []
         assert api.get("/v1/pacs-targets", headers=admin).json()["items"] == []
-    # The same API with loopback allowed registers the receiver.
+    # The same API with loopback allowed registers the receiver: plain http only when an
+    # admin allows it for this target.
     fields["outbound_allow_networks"] = "127.0.0.0/8"
+    hook = {"url": receiver.url + "/hook"}
     with TestClient(create_app(ApiSettings(**fields))) as api:
-        r = api.post("/v1/webhooks", json={"url": receiver.url + "/hook"}, headers=uploader)
+        r = api.post("/v1/webhooks", json=hook, headers=uploader)
+        assert r.status_code == 400 and "https" in r.json()["detail"], r.text
+        r = api.post("/v1/webhooks", json={**hook, "allow_http": True}, headers=uploader)
+        assert r.status_code == 403 and "admin" in r.json()["detail"], r.text
+        r = api.post("/v1/webhooks", json={**hook, "allow_http": True}, headers=admin)
         assert r.status_code == 201, r.text
+        assert r.json()["allow_http"] is True
     assert receiver.hits == 0

@@ -18,12 +18,12 @@ import httpx
 import psycopg
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from redis import Redis
 
 from orchestrator.errors import StorageError
 from orchestrator.ingest import core as ingest
+from orchestrator.samples import load_samples, radiograph
 from orchestrator.store.db import connect_pool
 from orchestrator.store.db.keys import Principal, create_key
 from orchestrator.store.encryption import (
@@ -48,8 +48,14 @@ TERMINAL = {"done", "failed", "needs_review", "not_applicable"}
 WAIT_S = 120.0
 
 
+def _chest_film() -> bytes:
+    """A paediatric chest CR film the chest models take (a CT slice is not_applicable)."""
+    images, _ = load_samples()
+    return radiograph(images[0], study_uid=generate_uid(), size=256)
+
+
 def _dicom(marker: str) -> bytes:
-    ds = dcmread(str(get_testdata_file("CT_small.dcm")))
+    ds = dcmread(io.BytesIO(_chest_film()))
     ds.PatientName = marker
     ds.PatientID = marker[:16]
     ds.StudyInstanceUID = generate_uid()
@@ -235,6 +241,8 @@ def test_flipped_byte_fails_the_instance_before_preprocessing(
     for i in range(3):
         ds = dcmread(io.BytesIO(_dicom(f"FLIP{i}")))
         ds.StudyInstanceUID = study_uid
+        # One patient per study (ingest refuses an instance of another patient).
+        ds.PatientName, ds.PatientID = "FLIP^PATIENT", "FLIP-PATIENT"
         buf = io.BytesIO()
         ds.save_as(buf)
         files.append((f"f{i}.dcm", buf.getvalue()))
@@ -375,6 +383,8 @@ def test_truncated_objects_fail_their_instance_and_the_rest_is_inferred(
     for i in range(4):
         ds = dcmread(io.BytesIO(_dicom(f"CUT{i}")))
         ds.StudyInstanceUID = study_uid
+        # One patient per study (ingest refuses an instance of another patient).
+        ds.PatientName, ds.PatientID = "CUT^PATIENT", "CUT-PATIENT"
         buf = io.BytesIO()
         ds.save_as(buf)
         files.append((f"f{i}.dcm", buf.getvalue()))

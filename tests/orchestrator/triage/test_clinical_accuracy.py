@@ -110,10 +110,13 @@ def test_chest_test_split_through_the_stack_matches_the_card(
     positives = {i for i in ids if by_study[i][1] == "pneumonia"}
     assert not [i for i in positives if status[i] == "done"]
     assert {status[i] for i in ids} <= {"done", "needs_review"}
-    sensitivity = len(positives & {i for i, y in zip(ids, labels, strict=True) if y == 1}) / max(
-        1, int(labels.sum())
+    truth = dict(zip(ids, labels, strict=True))
+    sensitivity = sum(truth[i] == 1 for i in positives) / max(1, int(labels.sum()))
+    specificity = sum(truth[i] == 0 for i in set(ids) - positives) / max(
+        1, int((labels == 0).sum())
     )
-    assert sensitivity == pytest.approx(expected["sensitivity"], abs=FIGURE_TOLERANCE)
+    assert sensitivity == pytest.approx(expected["op_sensitivity"], abs=FIGURE_TOLERANCE)
+    assert specificity == pytest.approx(expected["op_specificity"], abs=FIGURE_TOLERANCE)
 
 
 def _as_chest_film(pixels_u8: np.ndarray) -> bytes:

@@ -331,12 +331,14 @@ def test_gate_thresholds_over_the_api_and_the_cli(
     """Set per-version thresholds (to the defaults' values, so other tests' studies gate as
     before), refuse bad ones, and read them back over HTTP and from the CLI."""
     c = world["client"]
-    ml = _headers(make_key("ml-engineer", tenant=TENANT))
+    ml = _headers(make_key("platform-ml-engineer", tenant="platform"))
     values = {"min_confidence": 0.75, "max_entropy": 0.6, "critical_probability": 0.9}
     r = c.put("/v1/models/triage/thresholds", json={"version": 2, **values}, headers=ml)
     assert r.status_code == 200, r.text
     (row,) = [t for t in r.json()["thresholds"] if t["version"] == 2]
-    assert {k: row[k] for k in values} == values and row["updated_by"] == "test-ml-engineer"
+    assert {k: row[k] for k in values} == values and row[
+        "updated_by"
+    ] == "test-platform-ml-engineer"
     bad = {**values, "min_confidence": 1.5}
     assert c.put("/v1/models/triage/thresholds", json=bad, headers=ml).status_code == 422
     unknown = c.put("/v1/models/nope/thresholds", json=values, headers=ml)
@@ -345,6 +347,8 @@ def test_gate_thresholds_over_the_api_and_the_cli(
     assert no_version.status_code == 404
     reviewer = _headers(world["r1"])
     assert c.put("/v1/models/triage/thresholds", json=values, headers=reviewer).status_code == 403
+    tenant_ml = _headers(make_key("ml-engineer", tenant=TENANT))
+    assert c.put("/v1/models/triage/thresholds", json=values, headers=tenant_ml).status_code == 403
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from orchestrator.inference.specs import load_repository
-
 from training import data
 
 COMMANDS = """\

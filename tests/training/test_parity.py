@@ -9,8 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from orchestrator.inference.specs import load_repository
 
+from orchestrator.inference.specs import load_repository
 from training import data
 from training.nets import OodHead, ServingExport
 from training.train import make_net, weights_path

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+
 from orchestrator.inference.model_control import TritonControl
 
 pytestmark = pytest.mark.integration

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from orchestrator.inference.local_triton.install import install_runtime, runtime_dir
 from orchestrator.inference.local_triton.process import default_home, free_ports
-
 from orchestrator.settings import REPO_ROOT
 
 pytestmark = pytest.mark.integration

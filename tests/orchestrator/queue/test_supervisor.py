@@ -13,9 +13,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from orchestrator.queue.supervisor import Supervisor, backoff_s, exit_kind
 
 from orchestrator import metrics
+from orchestrator.queue.supervisor import Supervisor, backoff_s, exit_kind
 
 # A stand-in worker: sleeps until signalled (SIGTERM ends it with status 0).
 SLEEPER = (

@@ -15,10 +15,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from orchestrator.store.db.audit import verify
-from orchestrator.store.objects import open_store
 
 from orchestrator.security import anchors
+from orchestrator.store.db.audit import verify
+from orchestrator.store.objects import open_store
 
 from .test_audit import _write, fresh_db  # noqa: F401 - the fixture
 

@@ -9,13 +9,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from tests.chaos import TcpProxy
-from orchestrator.store.db import connect_pool, translate_errors
-from orchestrator.store.db.pool import OPEN_TIMEOUT_S, POOL_TIMEOUT_S
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
 from orchestrator.errors import DependencyUnavailable
+from orchestrator.store.db import connect_pool, translate_errors
+from orchestrator.store.db.pool import OPEN_TIMEOUT_S, POOL_TIMEOUT_S
+from tests.chaos import TcpProxy
 
 PROBES = 5
 # Scheduling slack on a loaded 2-core machine, beyond OPEN_TIMEOUT_S.

@@ -12,11 +12,11 @@ from typing import Any
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from orchestrator.store.db import upgrade
 
 from orchestrator.api import create_app
 from orchestrator.api.deps import refused_keys
 from orchestrator.settings import ApiSettings
+from orchestrator.store.db import upgrade
 
 from ..conftest import ADMIN_DATABASE_URL
 

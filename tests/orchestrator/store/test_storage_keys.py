@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from orchestrator.store.encryption import new_key_entry
-from orchestrator.store.objects import open_store
 from pydantic import ValidationError
 
 from orchestrator.settings import WorkerSettings
+from orchestrator.store.encryption import new_key_entry
+from orchestrator.store.objects import open_store
 
 PLAINTEXT = b"DICM plaintext that must not reach the disk"
 

@@ -18,7 +18,7 @@ from orchestrator.api.deps import refused_keys
 from orchestrator.settings import ApiSettings
 from orchestrator.store.db import upgrade
 
-from ..conftest import ADMIN_DATABASE_URL
+from tests.conftest import ADMIN_DATABASE_URL
 
 pytestmark = pytest.mark.integration
 

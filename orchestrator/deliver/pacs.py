@@ -19,7 +19,6 @@ from uuid import UUID
 import httpx
 import pydicom
 from psycopg import Connection
-from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from orchestrator.errors import BadRequest, MedtriageError, NotFound
@@ -56,25 +55,11 @@ def add_target(
     parts = urlsplit(stow_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadRequest(f"stow_url must be an absolute http(s) DICOMweb base URL: {stow_url!r}")
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(
-            "INSERT INTO pacs_targets (tenant_id, name, stow_url, allow_http)"
-            " VALUES (%s, %s, %s, %s) ON CONFLICT (tenant_id, name) DO UPDATE SET"
-            " stow_url = EXCLUDED.stow_url, allow_http = EXCLUDED.allow_http, active = true"
-            " RETURNING id, name, stow_url, allow_http, active, created_at",
-            (tenant_id, name, stow_url.rstrip("/"), allow_http),
-        ).fetchone()
-    assert row is not None
-    return row
+    return db.upsert_target(conn, tenant_id, name, stow_url.rstrip("/"), allow_http=allow_http)
 
 
 def targets(conn: Connection, tenant_id: UUID, name: str | None = None) -> list[dict[str, Any]]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
-            "SELECT id, name, stow_url, allow_http, active, created_at FROM pacs_targets"
-            " WHERE tenant_id = %s AND active AND (%s::text IS NULL OR name = %s) ORDER BY name",
-            (tenant_id, name, name),
-        ).fetchall()
+    rows = db.active_targets(conn, tenant_id, name)
     if name is not None and not rows:
         raise NotFound(f"no PACS target {name!r}; an admin adds one with POST /v1/pacs-targets")
     return rows

@@ -33,7 +33,6 @@ from uuid import UUID
 
 import httpx
 from psycopg import Connection
-from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from orchestrator import metrics
@@ -112,9 +111,6 @@ class Policy:
     timeout_s: float = 5.0
 
 
-_PUBLIC = "id, url, events, active, max_attempts, backoff_s, timeout_s, allow_http, created_at"
-
-
 def create(
     conn: Connection,
     tenant_id: UUID,
@@ -137,24 +133,18 @@ def create(
     secret = secrets.token_urlsafe(32)
     webhook_id = uuid.uuid4()
     stored = seal_text(ring, secret_context(webhook_id), secret) if ring is not None else secret
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(
-            "INSERT INTO webhooks (id, tenant_id, url, secret, events, max_attempts, backoff_s,"
-            f" timeout_s, allow_http) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            f" RETURNING {_PUBLIC}",
-            (
-                webhook_id,
-                tenant_id,
-                url,
-                stored,
-                sorted(set(events)),
-                policy.max_attempts,
-                policy.backoff_s,
-                policy.timeout_s,
-                allow_http,
-            ),
-        ).fetchone()
-    assert row is not None
+    row = db.insert_endpoint(
+        conn,
+        webhook_id=webhook_id,
+        tenant_id=tenant_id,
+        url=url,
+        secret=stored,
+        events=sorted(set(events)),
+        max_attempts=policy.max_attempts,
+        backoff_s=policy.backoff_s,
+        timeout_s=policy.timeout_s,
+        allow_http=allow_http,
+    )
     return row, secret
 
 
@@ -216,20 +206,7 @@ def redeliver(
 
 def claim_due(conn: Connection, limit: int) -> list[dict[str, Any]]:
     """Lease up to ``limit`` due deliveries (with their endpoint's url, secret and policy)."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(
-            "UPDATE webhook_deliveries d"
-            " SET next_attempt_at = now() + make_interval(secs => w.timeout_s + %s),"
-            " updated_at = now()"
-            " FROM webhooks w WHERE w.id = d.webhook_id AND d.id IN ("
-            "  SELECT id FROM webhook_deliveries WHERE status = 'pending'"
-            "  AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT %s"
-            "  FOR UPDATE SKIP LOCKED)"
-            " RETURNING d.id, d.event, d.payload, d.attempts, w.id AS webhook_id, w.url,"
-            " w.secret, w.active,"
-            " w.max_attempts, w.backoff_s, w.timeout_s, w.allow_http",
-            (LEASE_MARGIN_S, limit),
-        ).fetchall()
+    return db.lease_due(conn, limit, margin_s=LEASE_MARGIN_S)
 
 
 def attempt(

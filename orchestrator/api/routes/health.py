@@ -10,6 +10,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from orchestrator.api.deps import ServicesDep
+from orchestrator.store.db import models as models_db
 from orchestrator.store.db.pool import ping
 
 router = APIRouter(tags=["health"])
@@ -54,10 +55,7 @@ def _check_models(services: Any) -> None:
     timeout = services.settings.readiness_timeout_s
     try:
         with services.pool.connection(timeout=timeout) as conn:
-            routed = conn.execute(
-                "SELECT model, version, shadow FROM model_routes WHERE shadow OR weight > 0"
-                " ORDER BY model, version"
-            ).fetchall()
+            routed = models_db.routed_versions(conn)
         url = services.settings.triton_http_url.rstrip("/") + "/v2/repository/index"
         index = httpx.post(url, json={}, timeout=timeout).json()
     except Exception as exc:  # noqa: BLE001 - postgresql / triton are reported on their own

@@ -320,3 +320,14 @@ def set_thresholds(
         " updated_by = EXCLUDED.updated_by, updated_at = now()",
         (model, version, min_confidence, max_entropy, critical_probability, actor),
     )
+
+
+def routed_versions(conn: Connection) -> list[tuple[str, int, bool]]:
+    """(model, version, shadow) of every version a live route or a shadow points to."""
+    return [
+        (str(m), int(v), bool(s))
+        for m, v, s in conn.execute(
+            "SELECT model, version, shadow FROM model_routes WHERE shadow OR weight > 0"
+            " ORDER BY model, version"
+        ).fetchall()
+    ]

@@ -10,14 +10,17 @@ from psycopg import Connection
 from psycopg.rows import dict_row
 
 
-def upsert_target(conn: Connection, tenant_id: UUID, name: str, stow_url: str) -> dict[str, Any]:
+def upsert_target(
+    conn: Connection, tenant_id: UUID, name: str, stow_url: str, *, allow_http: bool = False
+) -> dict[str, Any]:
     """Add the target, or point an existing one of that name at ``stow_url`` (active again)."""
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(
-            "INSERT INTO pacs_targets (tenant_id, name, stow_url) VALUES (%s, %s, %s)"
-            " ON CONFLICT (tenant_id, name) DO UPDATE SET stow_url = EXCLUDED.stow_url,"
-            " active = true RETURNING id, name, stow_url, active, created_at",
-            (tenant_id, name, stow_url),
+            "INSERT INTO pacs_targets (tenant_id, name, stow_url, allow_http)"
+            " VALUES (%s, %s, %s, %s) ON CONFLICT (tenant_id, name) DO UPDATE SET"
+            " stow_url = EXCLUDED.stow_url, allow_http = EXCLUDED.allow_http, active = true"
+            " RETURNING id, name, stow_url, allow_http, active, created_at",
+            (tenant_id, name, stow_url, allow_http),
         ).fetchone()
     assert row is not None
     return row
@@ -27,7 +30,7 @@ def active_targets(conn: Connection, tenant_id: UUID, name: str | None) -> list[
     """The tenant's active targets (all, or the one called ``name``), by name."""
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(
-            "SELECT id, name, stow_url, active, created_at FROM pacs_targets"
+            "SELECT id, name, stow_url, allow_http, active, created_at FROM pacs_targets"
             " WHERE tenant_id = %s AND active AND (%s::text IS NULL OR name = %s) ORDER BY name",
             (tenant_id, name, name),
         ).fetchall()

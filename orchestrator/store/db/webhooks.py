@@ -12,7 +12,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 # Columns of an endpoint a tenant may see (never the secret).
-_PUBLIC = "id, url, events, active, max_attempts, backoff_s, timeout_s, created_at"
+_PUBLIC = "id, url, events, active, max_attempts, backoff_s, timeout_s, allow_http, created_at"
 _DELIVERY = (
     "id, webhook_id, event, payload, status, attempts, last_status, last_error,"
     " next_attempt_at, created_at, delivered_at"
@@ -30,12 +30,24 @@ def insert_endpoint(
     max_attempts: int,
     backoff_s: float,
     timeout_s: float,
+    allow_http: bool = False,
 ) -> dict[str, Any]:
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(
             "INSERT INTO webhooks (id, tenant_id, url, secret, events, max_attempts, backoff_s,"
-            f" timeout_s) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_PUBLIC}",
-            (webhook_id, tenant_id, url, secret, events, max_attempts, backoff_s, timeout_s),
+            f" timeout_s, allow_http) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            f" RETURNING {_PUBLIC}",
+            (
+                webhook_id,
+                tenant_id,
+                url,
+                secret,
+                events,
+                max_attempts,
+                backoff_s,
+                timeout_s,
+                allow_http,
+            ),
         ).fetchone()
     assert row is not None
     return row
@@ -131,7 +143,7 @@ def lease_due(conn: Connection, limit: int, *, margin_s: float) -> list[dict[str
             "  FOR UPDATE SKIP LOCKED)"
             " RETURNING d.id, d.event, d.payload, d.attempts, w.id AS webhook_id, w.url,"
             " w.secret, w.active,"
-            " w.max_attempts, w.backoff_s, w.timeout_s",
+            " w.max_attempts, w.backoff_s, w.timeout_s, w.allow_http",
             (margin_s, limit),
         ).fetchall()
 

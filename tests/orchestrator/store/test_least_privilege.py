@@ -17,7 +17,6 @@ from orchestrator.api import create_app
 from orchestrator.api.deps import refused_keys
 from orchestrator.settings import ApiSettings
 from orchestrator.store.db import upgrade
-
 from tests.conftest import ADMIN_DATABASE_URL
 
 pytestmark = pytest.mark.integration

@@ -103,6 +103,30 @@ def _encode(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
+def _pixel_module(
+    ds: Dataset,
+    pixels: np.ndarray,
+    *,
+    photometric: str,
+    bits_stored: int,
+    window: tuple[float, float] | None = None,
+) -> None:
+    """The Image Pixel module for unsigned ``pixels`` ((rows, cols) gray or (rows, cols, 3)
+    colour, interleaved), in a container of 8 or 16 bits; ``window`` is (centre, width)."""
+    ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
+    ds.PhotometricInterpretation = photometric
+    if pixels.ndim == 3:
+        ds.PlanarConfiguration = 0
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+
+
 def _shape(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
@@ -145,17 +169,9 @@ def radiograph(
     )
     if view_position:
         ds.ViewPosition = view_position
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = BITS_STORED
-    ds.HighBit = BITS_STORED - 1
-    ds.PixelRepresentation = 0
     # A full-range linear window: the windowed image equals the original 8-bit image.
-    ds.WindowCenter = (1 << BITS_STORED) / 2
-    ds.WindowWidth = 1 << BITS_STORED
-    ds.PixelData = pixels.tobytes()
+    window = ((1 << BITS_STORED) / 2, 1 << BITS_STORED)
+    _pixel_module(ds, pixels, photometric="MONOCHROME2", bits_stored=BITS_STORED, window=window)
     return _encode(ds)
 
 
@@ -189,17 +205,10 @@ def ultrasound(
         accession=accession,
         patient_age=patient_age,
     )
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated = 8
-    ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
     # The identity window ((x - 127.5) / 255 + 0.5 = x / 255): displayed as stored.
-    ds.WindowCenter = 128
-    ds.WindowWidth = 256
-    ds.PixelData = pixels.astype(np.uint8).tobytes()
+    _pixel_module(
+        ds, pixels.astype(np.uint8), photometric="MONOCHROME2", bits_stored=8, window=(128, 256)
+    )
     return _encode(ds)
 
 
@@ -235,13 +244,5 @@ def fundus_photo(
         patient_age=patient_age,
     )
     ds.ImageLaterality = laterality
-    ds.SamplesPerPixel = 3
-    ds.PhotometricInterpretation = "RGB"
-    ds.PlanarConfiguration = 0
-    ds.Rows, ds.Columns = pixels.shape[:2]
-    ds.BitsAllocated = 8
-    ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    _pixel_module(ds, pixels, photometric="RGB", bits_stored=8)
     return _encode(ds)

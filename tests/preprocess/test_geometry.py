@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.dataset import Dataset
 
 import preprocess as pp
+from orchestrator.samples import radiograph
 from preprocess.pipeline import PreprocessSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,23 +35,9 @@ IMAGES = 40
 
 
 def _film(image: np.ndarray, rows: int, cols: int) -> Dataset:
-    side = min(rows, cols)
-    big = cv2.resize(image, (side, side), interpolation=cv2.INTER_CUBIC).astype(np.float32)
-    top, left = (rows - side) // 2, (cols - side) // 2
-    film = cv2.copyMakeBorder(
-        big, top, rows - side - top, left, cols - side - left, cv2.BORDER_REFLECT
-    )
-    pixels = (np.clip(film, 0, 255) * 4095 / 255).astype(np.uint16)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.WindowCenter, ds.WindowWidth = 2048, 4096
-    ds.PixelData = pixels.tobytes()
-    return ds
+    """The image as a CR film of rows × cols (orchestrator/samples.py: the image is the centred
+    square, the rest its mirrored edge; 12 bits stored with a full-range window)."""
+    return pp.read_dicom(radiograph(image, study_uid="1.2.3", size=(rows, cols)))
 
 
 @pytest.fixture(scope="module")

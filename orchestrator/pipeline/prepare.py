@@ -87,8 +87,9 @@ def prepare(
                 clock.add("preprocess", t0)
                 run.not_applicable[row["id"]] = applicability.not_applicable_reason(verdicts)
                 continue
-            models = list(dict.fromkeys(m for v in chosen for m in members[v.set]))
-            targets = list(dict.fromkeys(_target(ctx, m) for m in models))
+            # Each model's input, once; models that share a spec and shape share the tensor.
+            wanted = {m: _target(ctx, m) for v in chosen for m in members[v.set]}
+            targets = list(dict.fromkeys(wanted.values()))
             out = _decode(ctx, data, row["transfer_syntax_uid"], targets)
         except preprocess.PreprocessError as exc:
             clock.add("preprocess", t0)
@@ -102,7 +103,7 @@ def prepare(
             what="store.put",
         )
         clock.add("store", t0)
-        tensors = {m: out.tensors[targets.index(_target(ctx, m))] for m in models}
+        tensors = {m: out.tensors[targets.index(t)] for m, t in wanted.items()}
         warnings = out.warnings + tuple(w for v in chosen for w in v.warnings)
         run.prepared.append(
             Prepared(row["id"], tensors, warnings, key, tuple(v.set for v in chosen))

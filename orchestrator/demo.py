@@ -1,7 +1,7 @@
 """`medtriage demo`: the whole local stack, the sample studies through the HTTP API, a summary.
 
-Starts Triton (bundled binary), the API and workers against the configured PostgreSQL and
-Redis, creates an uploader key, posts the sample studies, waits for them, prints one line
+Starts Triton (bundled binary), the API and workers against PostgreSQL and Redis (configured,
+the machine's own, or embedded servers: ``cli/services.py``), creates an uploader key, posts the sample studies, waits for them, prints one line
 per study and writes each study's report (and previews) under ``<home>/demo``.
 """
 
@@ -18,6 +18,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from orchestrator import lifecycle
+from orchestrator.cli.services import LocalServices
 from orchestrator.cli.stack import LocalStack
 from orchestrator.samples import (
     BREAST_SAMPLES_FILE,
@@ -162,6 +163,15 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def main(settings: CliSettings, *, workers: int = 2, out: str | None = None) -> int:
+    # First lines: which PostgreSQL and Redis this run uses (configured, the machine's own,
+    # or embedded servers started for it and stopped with it).
+    with LocalServices(settings) as services:
+        for line in services.describe(started_note=", stopped with the stack"):
+            print(line, flush=True)
+        return _run(services.apply(settings), workers=workers, out=out)
+
+
+def _run(settings: CliSettings, *, workers: int, out: str | None) -> int:
     out_dir = Path(out) if out else settings.home / "demo"
     out_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)

@@ -22,12 +22,12 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from orchestrator.settings import REPO_ROOT
+from orchestrator.settings import data_dir
 
-SAMPLES_FILE = REPO_ROOT / "samples" / "pneumoniamnist_test_16.npz"
+SAMPLES_FILE = data_dir("samples") / "pneumoniamnist_test_16.npz"
 # The other model sets' demo images (samples/README.md says where they come from).
-BREAST_SAMPLES_FILE = REPO_ROOT / "samples" / "breastmnist_test_8.npz"
-FUNDUS_SAMPLES_FILE = REPO_ROOT / "samples" / "retinamnist_test_8.npz"
+BREAST_SAMPLES_FILE = data_dir("samples") / "breastmnist_test_8.npz"
+FUNDUS_SAMPLES_FILE = data_dir("samples") / "retinamnist_test_8.npz"
 # Radiograph-like encoding of an 8-bit image: 12 bits stored, upsampled.
 BITS_STORED = 12
 DEFAULT_SIZE = 512

@@ -14,9 +14,31 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# model_repository/ and samples/ as the wheel ships them (setup.py copies them in at build).
+SHIPPED_DATA = Path(__file__).resolve().parent / "_data"
 
-# Local development defaults: the services every machine of ours runs on loopback.
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+def data_dir(name: str) -> Path:
+    """A top-level data folder (``model_repository``, ``samples``): the checkout's, else the
+    copy an installed wheel carries."""
+    checkout = REPO_ROOT / name
+    return checkout if checkout.is_dir() else SHIPPED_DATA / name
+
+
+def default_home() -> Path:
+    """``<checkout>/.medtriage`` in a checkout; ``~/.medtriage`` for an installed wheel (never
+    a folder inside site-packages)."""
+    if (REPO_ROOT / "pyproject.toml").is_file():
+        return REPO_ROOT / ".medtriage"
+    return Path.home() / ".medtriage"
+
+
+# The local stack's own database on a machine's PostgreSQL (created if missing), so that no
+# default ever lands in a shared database such as the CI machines' `test`.
+LOCAL_DATABASE_NAME = "medtriage"
+# Local development defaults: the services every machine of ours runs on loopback. The local
+# stack (cli/services.py) starts embedded servers when nothing answers there.
+DEFAULT_DATABASE_URL = f"postgresql://postgres@127.0.0.1:5432/{LOCAL_DATABASE_NAME}"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_TRITON_GRPC_URL = "127.0.0.1:8001"
 
@@ -28,8 +50,8 @@ class CommonSettings(BaseSettings):
 
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str = DEFAULT_REDIS_URL
-    # file:///abs/path  or  s3://bucket/prefix
-    storage_url: str = f"file://{REPO_ROOT / '.medtriage' / 'objects'}"
+    # file:///abs/path  or  s3://bucket/prefix; empty = file://<home>/objects
+    storage_url: str = ""
     # Only for S3-compatible servers other than AWS (MinIO, moto); empty = AWS default.
     s3_endpoint_url: str = ""
     s3_region: str = "us-east-1"
@@ -41,13 +63,13 @@ class CommonSettings(BaseSettings):
     triton_grpc_ca_file: str = ""
     triton_grpc_cert_file: str = ""
     triton_grpc_key_file: str = ""
-    model_repository: Path = REPO_ROOT / "model_repository"
+    model_repository: Path = Field(default_factory=lambda: data_dir("model_repository"))
     # The local CPU rendering of model_repository (LocalStack, `medtriage triton serve`) without
     # Triton's dynamic batcher: measured faster end to end on that backend (1-image CT studies
     # +9 %, 32-slice series +36 %, benchmarks/README.md). STAT studies go first in the job queue
     # either way. The production configs (docker-compose.gpu.yml) keep their batcher.
     triton_local_dynamic_batching: bool = False
-    home: Path = REPO_ROOT / ".medtriage"
+    home: Path = Field(default_factory=default_home)
     # Queue names are prefixed so several stacks (tests, demo) can share one Redis.
     queue_prefix: str = "medtriage"
     # Database connection pool bounds per process.
@@ -106,6 +128,8 @@ class CommonSettings(BaseSettings):
     @model_validator(mode="after")
     def _storage_keys(self) -> CommonSettings:
         """Refuse, at start, storage keys kept with the data they protect (issue 16, item 12)."""
+        if not self.storage_url:
+            self.storage_url = f"file://{self.home / 'objects'}"
         store = urlparse(self.storage_url)
         folder = Path(store.path).resolve() if store.scheme == "file" else None
         if self.storage_encryption_keys_file is not None:
@@ -216,3 +240,8 @@ class WorkerSettings(CommonSettings):
 
 class CliSettings(ApiSettings, WorkerSettings):
     """The CLI starts every process kind, so it sees every setting."""
+
+    # Where the local stack looks for a machine's own PostgreSQL and Redis when no URL is
+    # configured; nothing answering there = embedded servers (cli/services.py).
+    local_postgres_address: str = "127.0.0.1:5432"
+    local_redis_address: str = "127.0.0.1:6379"

@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     from orchestrator.cli import ingest as ingest_cli
 
     ingest_cli.add_parser(sub)
+    from orchestrator.cli import services as services_cli
+
+    services_cli.add_parser(sub)
     return parser
 
 

@@ -1,6 +1,7 @@
 """The local stack on one machine: Triton (bundled binary), the API and N workers.
 
-PostgreSQL and Redis are taken from settings (our machines run both on loopback). Each
+PostgreSQL and Redis are taken from settings; ``medtriage demo`` resolves them first
+(configured, the machine's own, or embedded servers: ``cli/services.py``). Each
 process logs to its own file under ``<home>/logs``; ``stop()`` ends them all, newest first.
 """
 

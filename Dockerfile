@@ -14,7 +14,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY orchestrator ./orchestrator
 COPY preprocess ./preprocess
 RUN pip install . && rm -rf /src

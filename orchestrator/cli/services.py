@@ -129,7 +129,9 @@ class LocalServices:
             return Service("PostgreSQL", url, "local", f"{address}, database {LOCAL_DATABASE_NAME}")
         data = self.home / "postgres"
         port, started = start_embedded_postgres(data)
-        url = ensure_database(f"postgresql://postgres@127.0.0.1:{port}/postgres", LOCAL_DATABASE_NAME)
+        url = ensure_database(
+            f"postgresql://postgres@127.0.0.1:{port}/postgres", LOCAL_DATABASE_NAME
+        )
         return Service(
             "PostgreSQL",
             url,
@@ -200,6 +202,8 @@ def _pg_commands() -> Any:
 
 
 def _pg_user() -> str | None:
+    # (The commands run in the data folder: as that user, pg_ctl fails in a cwd it cannot
+    # read, e.g. a 0700 temporary folder.)
     return EMBEDDED_POSTGRES_USER if os.geteuid() == 0 else None
 
 
@@ -242,6 +246,7 @@ def start_embedded_postgres(data: Path) -> tuple[int, bool]:
             ["--auth=trust", "--encoding=utf8", "-U", "postgres"],
             pgdata=data,
             user=user,
+            cwd=data.parent,
             timeout=POSTGRES_START_TIMEOUT_S,
         )
     port = _free_port()
@@ -250,6 +255,7 @@ def start_embedded_postgres(data: Path) -> tuple[int, bool]:
         ["-w", "-o", f'-h 127.0.0.1 -p {port} -k ""', "-l", str(data / "server.log"), "start"],
         pgdata=data,
         user=user,
+        cwd=data.parent,
         timeout=POSTGRES_START_TIMEOUT_S,
     )
     return port, True
@@ -260,7 +266,13 @@ def stop_embedded_postgres(data: Path) -> bool:
     pg = _pg_commands()
     if _running_postmaster(data) is None:
         return False
-    pg.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data, user=_pg_user(), timeout=STOP_TIMEOUT_S)
+    pg.pg_ctl(
+        ["-w", "-m", "fast", "stop"],
+        pgdata=data,
+        user=_pg_user(),
+        cwd=data.parent,
+        timeout=STOP_TIMEOUT_S,
+    )
     return True
 
 
@@ -362,7 +374,9 @@ def _cmd_start(args: argparse.Namespace, settings: CliSettings) -> int:
 
 def _cmd_stop(args: argparse.Namespace, settings: CliSettings) -> int:
     home = settings.home / "services"
-    names = [n for n in args.only.split(",") if n] if args.only is not None else ["postgres", "redis"]
+    names = (
+        [n for n in args.only.split(",") if n] if args.only is not None else ["postgres", "redis"]
+    )
     for name in names:
         stopped = (stop_embedded_postgres if name == "postgres" else stop_embedded_redis)(
             home / name

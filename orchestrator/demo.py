@@ -8,6 +8,7 @@ per study and writes each study's report (and previews) under ``<home>/demo``.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from orchestrator import lifecycle
-from orchestrator.cli.services import LocalServices
+from orchestrator.cli.services import LocalServiceError, LocalServices
 from orchestrator.cli.stack import LocalStack
 from orchestrator.samples import (
     BREAST_SAMPLES_FILE,
@@ -37,6 +38,8 @@ STUDY_TIMEOUT_S = 180.0
 POLL_S = 0.25
 HTTP_TIMEOUT_S = 60.0
 TERMINAL = lifecycle.TERMINAL_VALUES
+# Exit status when no usable PostgreSQL or Redis could be found or started.
+EXIT_NO_SERVICES = 2
 
 
 def sample_studies() -> list[dict[str, Any]]:
@@ -165,10 +168,17 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 def main(settings: CliSettings, *, workers: int = 2, out: str | None = None) -> int:
     # First lines: which PostgreSQL and Redis this run uses (configured, the machine's own,
     # or embedded servers started for it and stopped with it).
-    with LocalServices(settings) as services:
+    try:
+        services = LocalServices(settings).start()
+    except LocalServiceError as exc:
+        print(f"medtriage demo: {exc}", file=sys.stderr)
+        return EXIT_NO_SERVICES
+    try:
         for line in services.describe(started_note=", stopped with the stack"):
             print(line, flush=True)
         return _run(services.apply(settings), workers=workers, out=out)
+    finally:
+        services.stop()
 
 
 def _run(settings: CliSettings, *, workers: int, out: str | None) -> int:

@@ -39,6 +39,9 @@ from orchestrator.settings import LOCAL_DATABASE_NAME, CliSettings
 
 # A server on the probe address must accept a TCP connection within this to count as there.
 PROBE_TIMEOUT_S = 0.5
+# Something that accepts TCP but never answers PostgreSQL's startup (seen: a Redis on the
+# probe address held the connection >2 min without this).
+CONNECT_TIMEOUT_S = 5
 # initdb of a fresh cluster took ~3 s here; a start of an existing one under 1 s.
 POSTGRES_START_TIMEOUT_S = 60.0
 REDIS_START_TIMEOUT_S = 20.0
@@ -49,6 +52,10 @@ _POLL_S = 0.1
 EMBEDDED_POSTGRES_USER = "embedded_postgres"
 
 Origin = Literal["configured", "local", "embedded"]
+
+
+class LocalServiceError(RuntimeError):
+    """A server on a probe address that the local stack cannot use."""
 
 
 @dataclass
@@ -127,7 +134,16 @@ class LocalServices:
             return Service("PostgreSQL", self.settings.database_url, "configured")
         address = self.settings.local_postgres_address
         if answers(address):
-            url = ensure_database(f"postgresql://postgres@{address}/postgres", LOCAL_DATABASE_NAME)
+            try:
+                url = ensure_database(
+                    f"postgresql://postgres@{address}/postgres", LOCAL_DATABASE_NAME
+                )
+            except psycopg.Error as exc:
+                raise LocalServiceError(
+                    f"a server answers on {address} but the local stack cannot use it as user"
+                    f" 'postgres' without a password ({exc}); set MEDTRIAGE_DATABASE_URL to a"
+                    " database it may use, or MEDTRIAGE_LOCAL_POSTGRES_ADDRESS elsewhere"
+                ) from exc
             return Service("PostgreSQL", url, "local", f"{address}, database {LOCAL_DATABASE_NAME}")
         data = self.home / "postgres"
         port, started = start_embedded_postgres(data)
@@ -184,7 +200,9 @@ def _free_port() -> int:
 
 def ensure_database(maintenance_url: str, name: str) -> str:
     """Create database ``name`` on the server of ``maintenance_url`` if missing; its URL."""
-    with psycopg.connect(maintenance_url, autocommit=True) as conn:
+    with psycopg.connect(
+        maintenance_url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
+    ) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if exists is None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -366,7 +384,11 @@ def stop_embedded_redis(data: Path, *, pid: int | None = None) -> bool:
 def _cmd_start(args: argparse.Namespace, settings: CliSettings) -> int:
     """Resolve both services, leave embedded ones running, print shell ``export`` lines for
     the test suite (``scripts/test`` evals them) and what was decided on stderr."""
-    services = LocalServices(settings).start()
+    try:
+        services = LocalServices(settings).start()
+    except LocalServiceError as exc:
+        print(f"medtriage services: {exc}", file=sys.stderr)
+        return 2
     for line in services.describe():
         print(line, file=sys.stderr)
     assert services.postgres is not None and services.redis is not None

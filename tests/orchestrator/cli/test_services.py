@@ -17,6 +17,7 @@ import pytest
 from redis import Redis
 
 from orchestrator.cli.services import (
+    LocalServiceError,
     LocalServices,
     answers,
     ensure_database,
@@ -184,3 +185,12 @@ def test_embedded_redis_is_stopped_even_if_its_folder_was_removed(tmp_path: Path
     shutil.rmtree(data)
     assert stop_embedded_redis(data, pid=pid)
     assert not answers(f"127.0.0.1:{port}")
+
+
+def test_a_server_that_refuses_the_local_stack_is_named(tmp_path: Path) -> None:
+    """Something answers on the probe address but is no PostgreSQL the stack may use (here a
+    Redis): the message says what to set, nothing is started."""
+    settings = _settings(tmp_path, local_postgres_address="127.0.0.1:6379")
+    with pytest.raises(LocalServiceError, match="MEDTRIAGE_DATABASE_URL"):
+        LocalServices(settings).start()
+    assert not (tmp_path / "services").exists()
